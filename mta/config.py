@@ -1,0 +1,836 @@
+"""The configuration: YAML in, frozen typed values out.
+
+The file is read and checked once; the rest of the relay only ever sees a
+`Config`.  Every problem is collected (not just the first) and reported as
+``FILE: KEY: what is wrong (got VALUE)``, so an operator can fix a file in
+one pass.  A reload builds a new `Config` and swaps it in whole, or keeps
+the old one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping, TypeVar
+
+import yaml
+
+LEVELS = ("none", "opportunistic", "enforce-tls", "enforce-secure")
+ROLES = ("inbound", "outbound")
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+FALLBACKS = ("plaintext", "defer")
+
+# SPEC.md section 1: the lists Proofpoint Essentials published, with the
+# ECDSA twin before each ECDHE-RSA suite so ECDSA certificates work at 1.2.
+DEFAULT_CIPHERSUITES = (
+    "TLS_AES_128_GCM_SHA256",
+    "TLS_CHACHA20_POLY1305_SHA256",
+    "TLS_AES_256_GCM_SHA384",
+)
+DEFAULT_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-AES128-SHA256",
+    "ECDHE-RSA-AES128-SHA256",
+    "ECDHE-ECDSA-AES256-SHA384",
+    "ECDHE-RSA-AES256-SHA384",
+    "AES128-GCM-SHA256",
+    "AES256-GCM-SHA384",
+    "AES128-SHA256",
+    "AES256-SHA256",
+)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists every reason."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A server named in the configuration: ``host``, ``host:port``,
+    ``[host]:port``.  Brackets mean "this exact host, no MX lookup", as in
+    Postfix; an address literal is always taken as it is."""
+
+    host: str
+    port: int
+    bracketed: bool
+
+    @property
+    def is_literal(self) -> bool:
+        return _is_ip(self.host)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if self.bracketed else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    certificate: Path
+    private_key: Path
+    min_version: str
+    ciphers: tuple[str, ...]
+    ciphersuites: tuple[str, ...]
+    trust: Path | None  # None: the system store
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    address: str
+    port: int
+    role: str
+    require_tls: bool
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    def allows_client(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.networks)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    message_size: int
+    recipients: int
+    idle_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    name: str
+    relay_to: tuple[HostPort, ...]
+    recipients: frozenset[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float
+    command: float
+    data: float
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    retry_schedule: tuple[float, ...]
+    max_lifetime: float
+    opportunistic_fallback: str
+    plaintext_fallback_delay: float
+    timeouts: Timeouts
+    port: int
+    concurrency: int
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    direction: str
+    level: str
+    recipient_domain: str | None = None
+    recipient: str | None = None
+    match: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    hostname: str
+    spool: Path
+    tls: TLSConfig
+    listeners: tuple[Listener, ...]
+    limits: Limits
+    domains: Mapping[str, Domain]
+    routes: Mapping[str, HostPort]
+    nameservers: tuple[tuple[str, int], ...] | None
+    delivery: Delivery
+    defaults: Mapping[str, str]
+    policies: tuple[Policy, ...] = field(default=())
+    log_transcript: bool = False  # SMTP transcripts of deliveries, at debug
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower().rstrip(".") in self.domains
+
+
+# --- value parsers: each takes the raw value and returns the parsed one or
+# raises ValueError with the words that follow "KEY: ".
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {
+    "ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400, "w": 604800
+}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 10m, 4h or 5d")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError("expected a duration such as 30s, 10m, 4h or 5d")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_timeout(value: Any) -> float:
+    """A duration above zero: a zero timeout would end every session at
+    once."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("a timeout must be above zero")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """Bytes; K, M and G (with or without B or iB) are powers of 1024."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 50MB or 10240")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ValueError("expected a size such as 50MB or 10240")
+        unit = (match.group(2) or "")[:1].lower()
+        size = int(match.group(1)) * _SIZE_UNITS[unit]
+    if size <= 0:
+        raise ValueError("a size must be above zero")
+    return size
+
+
+def parse_port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("expected a port number from 1 to 65535")
+    if not 1 <= value <= 65535:
+        raise ValueError("expected a port number from 1 to 65535")
+    return value
+
+
+def parse_ip(value: Any) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise ValueError("expected an IPv4 or IPv6 address") from None
+
+
+def parse_network(
+    value: Any,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise ValueError("expected a network such as 192.0.2.0/24") from None
+
+
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)"
+    r"(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)*\.?$",
+    re.IGNORECASE,
+)
+
+
+def parse_hostname(value: Any) -> str:
+    text = str(value).strip()
+    if not isinstance(value, str) or not _HOSTNAME.match(text):
+        raise ValueError("expected a host name such as mail.example.com")
+    return text.lower().rstrip(".")
+
+
+def parse_domain(value: Any) -> str:
+    return parse_hostname(value)
+
+
+def parse_hostport(value: Any, default_port: int = 25) -> HostPort:
+    """``host``, ``host:port``, ``[host]``, ``[host]:port``, ``[v6]:port``."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected host, host:port or [host]:port")
+    text = value.strip()
+    port = default_port
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError("a '[' without its ']'")
+        host, rest = text[1:close], text[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError("expected ':port' after ']'")
+            port = _port_text(rest[1:])
+        return HostPort(_host_or_ip(host), port, bracketed=True)
+    if text.count(":") == 1:
+        text, port_text = text.split(":")
+        port = _port_text(port_text)
+    elif text.count(":") > 1:
+        raise ValueError("an IPv6 address must be written in brackets: [::1]:25")
+    return HostPort(_host_or_ip(text), port, bracketed=_is_ip(text))
+
+
+def _port_text(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"port {text!r} is not a number")
+    return parse_port(int(text))
+
+
+def _host_or_ip(text: str) -> str:
+    if _is_ip(text):
+        return str(ipaddress.ip_address(text))
+    return parse_hostname(text)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_level(value: Any) -> str:
+    if value not in LEVELS:
+        raise ValueError("expected one of " + ", ".join(LEVELS))
+    return str(value)
+
+
+def parse_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def parse_positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("expected a whole number above zero")
+    return value
+
+
+def parse_choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("expected one of " + ", ".join(choices))
+        return str(value)
+
+    return parse
+
+
+def parse_name_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.replace(",", ":").split(":")
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty list of names")
+    names = []
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError("every entry must be a name")
+        names.append(item.strip())
+    return tuple(names)
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Walks the YAML tree, remembering the key path for error messages and
+    collecting every problem instead of stopping at the first."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.problems: list[str] = []
+
+    def problem(self, key: str, what: str, value: Any = ...) -> None:
+        shown = "" if value is ... else f" (got {value!r})"
+        self.problems.append(f"{self.path}: {key}: {what}{shown}")
+
+    def mapping(
+        self, raw: Any, key: str, allowed: Iterable[str]
+    ) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.problem(key or "(top level)", "expected a mapping", raw)
+            return {}
+        allowed = tuple(allowed)
+        for name in raw:
+            if name not in allowed:
+                where = f"{key}.{name}" if key else str(name)
+                self.problem(
+                    where, "unknown key; expected one of " + ", ".join(allowed)
+                )
+        return raw
+
+    def value(
+        self,
+        raw: dict[str, Any],
+        key: str,
+        name: str,
+        parse: Callable[[Any], T],
+        default: T | None = None,
+        required: bool = False,
+    ) -> T | None:
+        where = f"{key}.{name}" if key else name
+        if name not in raw or raw[name] is None:
+            if required:
+                self.problem(where, "is required")
+            return default
+        try:
+            return parse(raw[name])
+        except ValueError as error:
+            self.problem(where, str(error), raw[name])
+            return default
+
+    def list_of(
+        self,
+        raw: dict[str, Any],
+        key: str,
+        name: str,
+        parse: Callable[[Any], T],
+        default: tuple[T, ...] = (),
+    ) -> tuple[T, ...]:
+        where = f"{key}.{name}" if key else name
+        items = raw.get(name)
+        if items is None:
+            return default
+        if isinstance(items, str):
+            items = [items]
+        if not isinstance(items, list):
+            self.problem(where, "expected a list", items)
+            return default
+        parsed = []
+        for index, item in enumerate(items):
+            try:
+                parsed.append(parse(item))
+            except ValueError as error:
+                self.problem(f"{where}[{index}]", str(error), item)
+        return tuple(parsed)
+
+    def path_value(
+        self, raw: dict[str, Any], key: str, name: str, required: bool = True
+    ) -> Path | None:
+        def parse(value: Any) -> Path:
+            if not isinstance(value, str) or not value:
+                raise ValueError("expected a file or folder path")
+            return (self.path.parent / value).resolve()
+
+        return self.value(raw, key, name, parse, required=required)
+
+
+def default_config_path() -> Path:
+    """``etc/mta.yaml`` in the current folder, else the one beside the
+    package (a checkout installed in place)."""
+    here = Path("etc/mta.yaml")
+    if here.exists():
+        return here
+    beside = Path(__file__).resolve().parent.parent / "etc" / "mta.yaml"
+    return beside if beside.exists() else here
+
+
+def load_config(path: str | os.PathLike[str], check_tls: bool = True) -> Config:
+    """Read, parse and check the file; raise `ConfigError` listing every
+    problem.  ``check_tls`` also loads the certificate and key and checks the
+    cipher lists against the OpenSSL that pyOpenSSL uses."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: is not UTF-8 text"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError([f"{path}: not valid YAML: {error}"]) from None
+
+    reader = _Reader(path.resolve())
+    config = _parse(reader, raw)
+    if config is not None and check_tls and not reader.problems:
+        from mta.tlsctx import check_tls_config
+
+        reader.problems.extend(
+            f"{reader.path}: {problem}" for problem in check_tls_config(config.tls)
+        )
+    if reader.problems or config is None:
+        raise ConfigError(reader.problems)
+    return config
+
+
+_TOP_KEYS = (
+    "hostname", "spool", "tls", "listeners", "limits", "domains", "routes",
+    "dns", "delivery", "defaults", "policies", "log_transcript",
+)
+
+
+def _parse(reader: _Reader, raw: Any) -> Config | None:
+    if raw is None:
+        reader.problem("(top level)", "the file is empty; expected a mapping")
+        return None
+    top = reader.mapping(raw, "", _TOP_KEYS)
+    if not isinstance(raw, dict):
+        return None
+
+    hostname = reader.value(
+        top, "", "hostname", parse_hostname, default=socket.getfqdn().lower()
+    )
+    spool = reader.path_value(top, "", "spool")
+    tls = _parse_tls(reader, top.get("tls"))
+    listeners = _parse_listeners(reader, top.get("listeners"))
+    limits = _parse_limits(reader, top.get("limits"))
+    domains = _parse_domains(reader, top.get("domains"))
+    routes = _parse_routes(reader, top.get("routes"))
+    nameservers = _parse_dns(reader, top.get("dns"))
+    delivery = _parse_delivery(reader, top.get("delivery"))
+    defaults = _parse_defaults(reader, top.get("defaults"))
+    policies = _parse_policies(reader, top.get("policies"))
+
+    if reader.problems:
+        return None
+    assert hostname is not None and spool is not None and tls is not None
+    return Config(
+        path=reader.path,
+        hostname=hostname,
+        spool=spool,
+        tls=tls,
+        listeners=listeners,
+        limits=limits,
+        domains=MappingProxyType(domains),
+        routes=MappingProxyType(routes),
+        nameservers=nameservers,
+        delivery=delivery,
+        defaults=MappingProxyType(defaults),
+        policies=policies,
+        log_transcript=bool(
+            reader.value(top, "", "log_transcript", parse_bool, default=False)
+        ),
+    )
+
+
+def _parse_tls(reader: _Reader, raw: Any) -> TLSConfig | None:
+    keys = ("certificate", "private_key", "min_version", "ciphers",
+            "ciphersuites", "trust")
+    if raw is None:
+        reader.problem("tls", "is required (certificate and private_key)")
+        return None
+    tls = reader.mapping(raw, "tls", keys)
+    certificate = reader.path_value(tls, "tls", "certificate")
+    private_key = reader.path_value(tls, "tls", "private_key")
+    min_version = reader.value(
+        tls, "tls", "min_version", _parse_min_version, default="TLSv1.2"
+    )
+    ciphers = reader.value(
+        tls, "tls", "ciphers", parse_name_list, default=DEFAULT_CIPHERS
+    )
+    ciphersuites = reader.value(
+        tls, "tls", "ciphersuites", parse_name_list, default=DEFAULT_CIPHERSUITES
+    )
+    trust = None
+    if tls.get("trust", "system") != "system":
+        trust = reader.path_value(tls, "tls", "trust")
+        if trust is not None and not trust.is_file():
+            reader.problem("tls.trust", "no such file", str(trust))
+    if certificate is None or private_key is None:
+        return None
+    return TLSConfig(
+        certificate=certificate,
+        private_key=private_key,
+        min_version=min_version or "TLSv1.2",
+        ciphers=ciphers or DEFAULT_CIPHERS,
+        ciphersuites=ciphersuites or DEFAULT_CIPHERSUITES,
+        trust=trust,
+    )
+
+
+def _parse_min_version(value: Any) -> str:
+    if value in TLS_VERSIONS:
+        return str(value)
+    if value in ("SSLv3", "TLSv1", "TLSv1.0", "TLSv1.1"):
+        raise ValueError("TLS 1.2 is the floor; use TLSv1.2 or TLSv1.3")
+    raise ValueError("expected TLSv1.2 or TLSv1.3")
+
+
+def _parse_listeners(reader: _Reader, raw: Any) -> tuple[Listener, ...]:
+    keys = ("name", "address", "port", "role", "require_tls", "networks")
+    if not isinstance(raw, list) or not raw:
+        reader.problem("listeners", "expected a non-empty list of listeners", raw)
+        return ()
+    listeners = []
+    seen: set[str] = set()
+    for index, item in enumerate(raw):
+        key = f"listeners[{index}]"
+        entry = reader.mapping(item, key, keys)
+        if item is not None and not isinstance(item, dict):
+            continue
+        name = reader.value(entry, key, "name", str, default=f"listener{index}")
+        if name in seen:
+            reader.problem(f"{key}.name", "is used by another listener", name)
+        seen.add(name or "")
+        address = reader.value(entry, key, "address", parse_ip, required=True)
+        port = reader.value(entry, key, "port", parse_port, required=True)
+        role = reader.value(
+            entry, key, "role", parse_choice(*ROLES), required=True
+        )
+        require_tls = reader.value(
+            entry, key, "require_tls", parse_bool, default=False
+        )
+        networks = reader.list_of(entry, key, "networks", parse_network)
+        if address is None or port is None or role is None:
+            continue
+        listeners.append(
+            Listener(
+                name=name or f"listener{index}",
+                address=address,
+                port=port,
+                role=role,
+                require_tls=bool(require_tls),
+                networks=networks,
+            )
+        )
+    return tuple(listeners)
+
+
+def _parse_limits(reader: _Reader, raw: Any) -> Limits:
+    limits = reader.mapping(raw, "limits", ("message_size", "recipients",
+                                            "idle_timeout"))
+    return Limits(
+        message_size=reader.value(
+            limits, "limits", "message_size", parse_size, default=50 * 1024**2
+        ) or 50 * 1024**2,
+        recipients=reader.value(
+            limits, "limits", "recipients", parse_positive_int, default=1000
+        ) or 1000,
+        idle_timeout=reader.value(
+            limits, "limits", "idle_timeout", parse_timeout, default=300.0
+        ) or 300.0,
+    )
+
+
+def _parse_domains(reader: _Reader, raw: Any) -> dict[str, Domain]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        reader.problem("domains", "expected a mapping of domain names", raw)
+        return {}
+    domains = {}
+    for name, item in raw.items():
+        key = f"domains.{name}"
+        try:
+            domain = parse_domain(name)
+        except ValueError as error:
+            reader.problem(key, str(error), name)
+            continue
+        entry = reader.mapping(item, key, ("relay_to", "recipients"))
+        relay_to = reader.list_of(entry, key, "relay_to", parse_hostport)
+        if not relay_to:
+            reader.problem(f"{key}.relay_to", "is required: where this "
+                           "domain's mail goes")
+        recipients = _parse_recipients(reader, entry, key)
+        domains[domain] = Domain(domain, relay_to, recipients)
+    return domains
+
+
+def _parse_recipients(
+    reader: _Reader, entry: dict[str, Any], key: str
+) -> frozenset[str] | None:
+    raw = entry.get("recipients")
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        listed = reader.path_value(entry, key, "recipients")
+        try:
+            lines = listed.read_text().splitlines() if listed else []
+        except OSError as error:
+            reader.problem(f"{key}.recipients", f"cannot read: {error.strerror}",
+                           str(listed))
+            return None
+        raw = [line.strip() for line in lines
+               if line.strip() and not line.startswith("#")]
+    if not isinstance(raw, list):
+        reader.problem(f"{key}.recipients", "expected a list or a file", raw)
+        return None
+    return frozenset(str(address).lower() for address in raw)
+
+
+def _parse_routes(reader: _Reader, raw: Any) -> dict[str, HostPort]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        reader.problem("routes", "expected a mapping of domain: next hop", raw)
+        return {}
+    routes = {}
+    for name, item in raw.items():
+        key = f"routes.{name}"
+        if name != "*":
+            try:
+                leading_dot = str(name).startswith(".")
+                domain = ("." if leading_dot else "") + parse_domain(
+                    str(name).lstrip(".")
+                )
+            except ValueError as error:
+                reader.problem(key, str(error), name)
+                continue
+        else:
+            domain = "*"
+        try:
+            routes[domain] = parse_hostport(item)
+        except ValueError as error:
+            reader.problem(key, str(error), item)
+    return routes
+
+
+def _parse_dns(reader: _Reader, raw: Any) -> tuple[tuple[str, int], ...] | None:
+    dns = reader.mapping(raw, "dns", ("nameservers",))
+    if "nameservers" not in dns:
+        return None
+
+    def parse(value: Any) -> tuple[str, int]:
+        hostport = parse_hostport(value, default_port=53)
+        if not hostport.is_literal:
+            raise ValueError("a name server must be an IP address")
+        return hostport.host, hostport.port
+
+    servers = reader.list_of(dns, "dns", "nameservers", parse)
+    return servers or None
+
+
+def _parse_delivery(reader: _Reader, raw: Any) -> Delivery:
+    key = "delivery"
+    keys = ("retry_schedule", "max_lifetime", "opportunistic_fallback",
+            "plaintext_fallback_delay", "timeouts", "port", "concurrency")
+    delivery = reader.mapping(raw, key, keys)
+    schedule = reader.list_of(
+        delivery, key, "retry_schedule", parse_duration,
+        default=(60.0, 300.0, 900.0, 3600.0, 14400.0),
+    )
+    if delivery.get("retry_schedule") == []:
+        reader.problem(f"{key}.retry_schedule", "expected at least one "
+                       "duration (the last step repeats)", [])
+    timeouts = reader.mapping(
+        delivery.get("timeouts"), "delivery.timeouts", ("connect", "command",
+                                                        "data")
+    )
+    tkey = "delivery.timeouts"
+    return Delivery(
+        retry_schedule=schedule or (60.0,),
+        max_lifetime=_duration(reader, delivery, key, "max_lifetime", 5 * 86400),
+        opportunistic_fallback=reader.value(
+            delivery, key, "opportunistic_fallback", parse_choice(*FALLBACKS),
+            default="plaintext",
+        ) or "plaintext",
+        plaintext_fallback_delay=_duration(
+            reader, delivery, key, "plaintext_fallback_delay", 600
+        ),
+        timeouts=Timeouts(
+            connect=_duration(reader, timeouts, tkey, "connect", 30,
+                              parse_timeout),
+            command=_duration(reader, timeouts, tkey, "command", 300,
+                              parse_timeout),
+            data=_duration(reader, timeouts, tkey, "data", 600, parse_timeout),
+        ),
+        port=reader.value(delivery, key, "port", parse_port, default=25) or 25,
+        concurrency=reader.value(
+            delivery, key, "concurrency", parse_positive_int, default=20
+        ) or 20,
+    )
+
+
+def _duration(
+    reader: _Reader,
+    raw: dict[str, Any],
+    key: str,
+    name: str,
+    default: float,
+    parse: Callable[[Any], float] = parse_duration,
+) -> float:
+    value = reader.value(raw, key, name, parse, default=float(default))
+    return float(default) if value is None else value
+
+
+def _parse_defaults(reader: _Reader, raw: Any) -> dict[str, str]:
+    defaults = reader.mapping(raw, "defaults", ROLES)
+    return {
+        direction: reader.value(
+            defaults, "defaults", direction, parse_level, default="opportunistic"
+        ) or "opportunistic"
+        for direction in ROLES
+    }
+
+
+def _parse_policies(reader: _Reader, raw: Any) -> tuple[Policy, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        reader.problem("policies", "expected a list of rules", raw)
+        return ()
+    keys = ("name", "direction", "recipient_domain", "recipient", "tls", "match")
+    policies = []
+    for index, item in enumerate(raw):
+        key = f"policies[{index}]"
+        entry = reader.mapping(item, key, keys)
+        if item is not None and not isinstance(item, dict):
+            continue
+        policy = _parse_policy(reader, entry, key, index)
+        if policy is not None:
+            policies.append(policy)
+    return tuple(policies)
+
+
+def _parse_policy(
+    reader: _Reader, entry: dict[str, Any], key: str, index: int
+) -> Policy | None:
+    name = reader.value(entry, key, "name", str, default=f"rule{index + 1}")
+    direction = reader.value(
+        entry, key, "direction", parse_choice(*ROLES), required=True
+    )
+    level = reader.value(entry, key, "tls", parse_level, required=True)
+    domain = reader.value(entry, key, "recipient_domain", _parse_rule_domain)
+    recipient = reader.value(entry, key, "recipient", _parse_rule_address)
+    match = reader.list_of(entry, key, "match", parse_hostname) or None
+    if entry.get("match") == []:
+        # An empty list would match no certificate: every delivery refused.
+        reader.problem(f"{key}.match", "expected at least one host name", [])
+
+    if (domain is None) == (recipient is None):
+        reader.problem(key, "needs exactly one of recipient_domain or recipient")
+    elif recipient is not None and direction == "outbound":
+        reader.problem(f"{key}.recipient", "outbound rules match "
+                       "recipient_domain only", recipient)
+    if direction is None or level is None:
+        return None
+    return Policy(
+        name=name or f"rule{index + 1}",
+        direction=direction,
+        level=level,
+        recipient_domain=domain,
+        recipient=recipient,
+        match=match,
+    )
+
+
+def _parse_rule_domain(value: Any) -> str:
+    text = str(value)
+    dot = "." if text.startswith(".") else ""
+    return dot + parse_domain(text.lstrip("."))
+
+
+def _parse_rule_address(value: Any) -> str:
+    text = str(value).strip()
+    local, at, domain = text.rpartition("@")
+    if not at or not local:
+        raise ValueError("expected an address such as ceo@example.com")
+    return f"{local.lower()}@{parse_domain(domain)}"

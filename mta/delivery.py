@@ -1,0 +1,278 @@
+"""Delivering one message's recipients: group them, find the servers, try
+them in order under the group's policy, and say what became of each
+recipient.  The rules it applies live in `mta.outcomes`; this module only
+gathers facts (DNS, SMTP sessions) and acts on those rules.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred
+
+from mta import outcomes
+from mta.config import Config
+from mta.envelope import Attempt, Envelope
+from mta.nexthop import NextHop, domain_of, next_hop
+from mta.outcomes import FALLBACK_LATER, FALLBACK_NOW, plan_fallback, status_of
+from mta.policy import PolicyChoice, choose_policy
+from mta.reply import Reply
+from mta.resolver import LookupFailed
+from mta.smtpclient import (
+    ClientSettings,
+    SessionResult,
+    Target,
+    TLSSession,
+    Transaction,
+)
+from mta.tlsverdict import judge_trust, reference_names, secure_refusal
+
+ENFORCED = ("enforce-tls", "enforce-secure")
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Recipients that share a domain, a next hop and a policy, and so one
+    transaction (SPEC.md section 3)."""
+
+    domain: str
+    next_hop: NextHop
+    policy: PolicyChoice
+    recipients: tuple[str, ...]
+
+
+def group_recipients(config: Config, addresses: list[str]) -> list[Group]:
+    groups: dict[tuple[str, NextHop, PolicyChoice], list[str]] = {}
+    for address in addresses:
+        domain = domain_of(address)
+        key = (domain, next_hop(config, domain), choose_policy(config, address))
+        groups.setdefault(key, []).append(address)
+    return [Group(domain, hop, policy, tuple(recipients))
+            for (domain, hop, policy), recipients in groups.items()]
+
+
+Session = Callable[[Target, Transaction, ClientSettings], "Deferred[SessionResult]"]
+Resolve = Callable[[NextHop], "Deferred[list[Target]]"]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupResult:
+    """What one attempt did for each recipient of a group; ``not_after``
+    is the latest time a deferred recipient may be retried (the moment a
+    plaintext fallback becomes allowed)."""
+
+    attempts: dict[str, Attempt]
+    not_after: float | None = None
+
+
+@dataclass
+class Deliverer:
+    """Delivers groups with one configuration's settings and contexts."""
+
+    config: Config
+    tls_context: SSL.Context
+    resolve: Resolve
+    session: Session
+    clock: Callable[[], float] = time.time
+
+    async def deliver(
+        self, envelope: Envelope, group: Group, body: Path
+    ) -> GroupResult:
+        try:
+            targets = await self.resolve(group.next_hop)
+        except LookupFailed as error:
+            return self._everyone(group, self._attempt(
+                group, status_of(error.reply), error.reply.dsn,
+                error.reply.text))
+
+        transaction = Transaction(
+            sender=envelope.sender,
+            recipients=group.recipients,
+            body_path=body,
+            size=body.stat().st_size,
+            body_8bit=envelope.body == "8BITMIME",
+        )
+        return await self._try_hosts(envelope, group, targets, transaction)
+
+    async def _try_hosts(
+        self,
+        envelope: Envelope,
+        group: Group,
+        targets: list[Target],
+        transaction: Transaction,
+    ) -> GroupResult:
+        level = group.policy.level
+        passed_over: tuple[Target, SessionResult] | None = None
+        last: tuple[Target, SessionResult] | None = None
+
+        for target in targets:
+            result = await self.session(
+                target, transaction, self._settings(group, target, level)
+            )
+            if not result.failed_before_recipients:
+                return self._results(group, target, result, None)
+            if result.tls_failure and passed_over is None:
+                passed_over = (target, result)
+            last = (target, result)
+
+        delivery = self.config.delivery
+        plan = plan_fallback(
+            level, delivery.opportunistic_fallback,
+            delivery.plaintext_fallback_delay, envelope.arrival, self.clock(),
+            passed_over is not None,
+        )
+        if plan.kind == FALLBACK_NOW and passed_over is not None:
+            target, first = passed_over
+            result = await self.session(
+                target, transaction, self._settings(group, target, "none")
+            )
+            if not result.failed_before_recipients:
+                return self._results(group, target, result,
+                                     _fallback_reason(first))
+            last = (target, result)
+
+        assert last is not None, "a next hop always has at least one target"
+        attempt = self._session_failure(group, *last)
+        if plan.kind == FALLBACK_LATER:
+            attempt = _awaiting_fallback(attempt, plan.due)
+            return GroupResult(self._everyone(group, attempt).attempts, plan.due)
+        return self._everyone(group, attempt)
+
+    # --- settings per host --------------------------------------------
+
+    def _settings(self, group: Group, target: Target, level: str) -> ClientSettings:
+        names = self._names(group, target)
+
+        def check_tls(session: TLSSession) -> str | None:
+            verdict = judge_trust(session.peer_certificate,
+                                  session.verify_error, names)
+            return secure_refusal(verdict, target.name, names,
+                                  session.verify_reason)
+
+        timeouts = self.config.delivery.timeouts
+        return ClientSettings(
+            helo=self.config.hostname,
+            tls_context=self.tls_context if level != "none" else None,
+            starttls=level != "none",
+            require_tls=level in ENFORCED,
+            timeouts=timeouts,
+            check_tls=check_tls if level == "enforce-secure" else None,
+            transcript=self.config.log_transcript,
+        )
+
+    def _names(self, group: Group, target: Target) -> tuple[str, ...]:
+        return reference_names(
+            group.domain, target.name, group.next_hop.configured_names,
+            group.policy.match,
+        )
+
+    # --- turning session results into attempts ------------------------
+
+    def _attempt(
+        self,
+        group: Group,
+        status: str,
+        dsn: str,
+        reply: str,
+        target: Target | None = None,
+        result: SessionResult | None = None,
+        fallback: str | None = None,
+    ) -> Attempt:
+        tls = trust = matched = None
+        if result is not None and result.tls is not None and target is not None:
+            tls = result.tls.facts
+            verdict = judge_trust(result.tls.peer_certificate,
+                                  result.tls.verify_error,
+                                  self._names(group, target))
+            trust, matched = verdict.trust, verdict.matched
+        return Attempt(
+            time=self.clock(),
+            status=status,
+            dsn=dsn,
+            reply=reply,
+            policy=group.policy.level,
+            relay=_relay(target),
+            tls=tls,
+            trust=trust,
+            matched=matched,
+            rule=group.policy.rule,
+            fallback=fallback,
+        )
+
+    def _everyone(self, group: Group, attempt: Attempt) -> GroupResult:
+        return GroupResult({recipient: attempt for recipient in group.recipients})
+
+    def _results(
+        self,
+        group: Group,
+        target: Target,
+        result: SessionResult,
+        fallback: str | None,
+    ) -> GroupResult:
+        attempts = {}
+        for recipient in group.recipients:
+            reply = result.reply_for(recipient)
+            if reply is None:
+                # The connection broke without a reply: try again later.
+                status, dsn = outcomes.DEFERRED, _deferral_dsn(result)
+            else:
+                status, dsn = status_of(reply), reply.dsn
+            attempts[recipient] = self._attempt(
+                group, status, dsn, result.reason_for(recipient), target,
+                result, fallback,
+            )
+        return GroupResult(attempts)
+
+    def _session_failure(
+        self, group: Group, target: Target, result: SessionResult
+    ) -> Attempt:
+        failure = result.failure
+        assert failure is not None
+        if failure.reply is not None and failure.reply.is_permanent:
+            status, dsn = outcomes.BOUNCED, failure.reply.dsn
+        else:
+            status, dsn = outcomes.DEFERRED, _deferral_dsn(result)
+        return self._attempt(group, status, dsn, failure.reason, target, result)
+
+
+def _relay(target: Target | None) -> str | None:
+    if target is None:
+        return None
+    return f"{target.name}[{target.address}]:{target.port}"
+
+
+def _deferral_dsn(result: SessionResult) -> str:
+    failure = result.failure
+    if failure is None:
+        return "4.4.2"
+    if failure.stage in ("STARTTLS", "TLS policy"):
+        return "4.7.4"
+    if failure.stage == "TLS handshake":
+        return "4.7.5"
+    if failure.reply is not None and failure.reply.is_temporary:
+        return failure.reply.dsn
+    return "4.4.1" if failure.stage == "connect" else "4.4.2"
+
+
+def _fallback_reason(result: SessionResult) -> str:
+    failure = result.failure
+    stage = failure.stage if failure is not None else "TLS"
+    return "starttls-refused" if stage == "STARTTLS" else "tls-handshake-failed"
+
+
+def _awaiting_fallback(attempt: Attempt, due: float | None) -> Attempt:
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(due or 0))
+    return replace(
+        attempt,
+        status=outcomes.DEFERRED,
+        dsn="4.7.5",
+        reply=f"{attempt.reply}; TLS failed with every host, plaintext "
+        f"fallback allowed from {when}",
+    )
+
+
+Deliver = Callable[[Envelope, Group, Path], Awaitable[GroupResult]]

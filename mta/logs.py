@@ -1,0 +1,105 @@
+"""The log lines an operator greps, exactly as SPEC.md section 5 lists them.
+
+One line per event, queue id first, then ``key=value`` fields in a fixed
+order; a field that does not apply is left out.  Each line is emitted as a
+structured `twisted.logger` event whose fields are the same keys, so a JSON
+observer sees what the text shows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from mta.envelope import Attempt, Envelope, TLSFacts
+
+log = Logger(namespace="mta")
+
+ACCEPTED_FIELDS = ("from", "size", "nrcpt", "client", "listener", "tls")
+DELIVERY_FIELDS = (
+    "to", "relay", "delay", "tls", "trust", "matched", "policy", "rule",
+    "fallback", "dsn", "status",
+)
+
+
+def format_fields(order: tuple[str, ...], fields: dict[str, Any]) -> str:
+    return " ".join(
+        f"{key}={fields[key]}" for key in order if fields.get(key) is not None
+    )
+
+
+def _emit(level: str, text: str, event: str, fields: dict[str, Any]) -> None:
+    # The text is passed as a field so that braces in addresses or replies
+    # are never read as format placeholders.
+    getattr(log, level)("{mta_line}", mta_line=text, mta_event=event, **{
+        f"mta_{key}": value for key, value in fields.items() if value is not None
+    })
+
+
+def accepted_line(envelope: Envelope) -> str:
+    client = envelope.client
+    fields = {
+        "from": f"<{envelope.sender}>",
+        "size": envelope.size,
+        "nrcpt": len(envelope.recipients),
+        "client": f"{client.host}[{client.address}]",
+        "listener": client.listener,
+        "tls": str(client.tls) if client.tls else None,
+    }
+    return f"{envelope.queue_id}: accepted " + format_fields(ACCEPTED_FIELDS, fields)
+
+
+def log_accepted(envelope: Envelope) -> None:
+    _emit("info", accepted_line(envelope), "accepted",
+          {"queue_id": envelope.queue_id})
+
+
+def delivery_line(
+    queue_id: str, recipient: str, attempt: Attempt, delay: float
+) -> str:
+    fields = {
+        "to": f"<{recipient}>",
+        "relay": attempt.relay or "none",
+        "delay": f"{delay:.2f}",
+        "tls": _tls_text(attempt.tls, attempt.relay),
+        "trust": attempt.trust,
+        "matched": attempt.matched,
+        "policy": attempt.policy,
+        "rule": attempt.rule,
+        "fallback": attempt.fallback,
+        "dsn": attempt.dsn,
+        "status": attempt.status,
+    }
+    return (f"{queue_id}: " + format_fields(DELIVERY_FIELDS, fields)
+            + f" ({attempt.reply})")
+
+
+def _tls_text(tls: TLSFacts | None, relay: str | None) -> str | None:
+    if tls is not None:
+        return str(tls)
+    # No connection, no TLS field: "none" would claim a plaintext session.
+    return "none" if relay else None
+
+
+def log_delivery(
+    queue_id: str, recipient: str, attempt: Attempt, delay: float
+) -> None:
+    level = "info" if attempt.status == "sent" else "warn"
+    _emit(level, delivery_line(queue_id, recipient, attempt, delay),
+          "delivery", {"queue_id": queue_id, "to": recipient,
+                       "status": attempt.status})
+
+
+def reject_line(command: str, host: str, address: str, reply: str) -> str:
+    return f"reject: {command} from {host}[{address}]: {reply}"
+
+
+def log_reject(command: str, host: str, address: str, reply: str) -> None:
+    _emit("info", reject_line(command, host, address, reply), "reject",
+          {"command": command, "client": f"{host}[{address}]"})
+
+
+def log_event(level: str, text: str, event: str, **fields: Any) -> None:
+    """Any other operator-facing line (start, stop, spool problems)."""
+    _emit(level, text, event, fields)

@@ -1,0 +1,208 @@
+"""The queue runner: picks up new and due messages from the spool and
+delivers them, a bounded number at a time.
+
+It keeps only a schedule (queue id -> when due) in memory; the spool stays
+the truth.  A new message from a listener in this process is announced with
+`wakeup`; anything else (messages left by a previous run, another process)
+is found by a periodic scan.  While a message is being delivered its spool
+lock is held, so another process never acts on it at the same time.  Every
+recipient's new state is written to the spool (fsync'd) after each
+transaction, before the next one starts: a recipient whose 250 was recorded
+is never sent again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from typing import Callable
+
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+from mta.config import Config
+from mta.delivery import Deliverer, Group, GroupResult, group_recipients
+from mta.envelope import FAILED, Envelope
+from mta.logs import log, log_delivery, log_event
+from mta.outcomes import settle
+from mta.spool import Locked, Spool, SpoolError
+
+SCAN_INTERVAL = 10.0
+
+
+class QueueRunner:
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        spool: Spool,
+        get_config: Callable[[], Config],
+        get_deliverer: Callable[[], Deliverer],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.reactor = reactor
+        self.spool = spool
+        self.get_config = get_config
+        self.get_deliverer = get_deliverer
+        self.clock = clock
+        self._heap: list[tuple[float, str]] = []
+        self._scheduled: dict[str, float] = {}
+        self._active: dict[str, Deferred[None]] = {}
+        self._timer: IDelayedCall | None = None
+        self._scanner = LoopingCall(self.scan)
+        self._scanner.clock = reactor
+        self._stopping = False
+
+    # --- life cycle ----------------------------------------------------
+
+    def start(self) -> None:
+        removed = self.spool.clean_orphans()
+        if removed:
+            log_event("warn", f"spool: removed {len(removed)} half-written "
+                      "files left by a crash", "spool-clean")
+        self._scanner.start(SCAN_INTERVAL, now=True)
+
+    def stop(self) -> Deferred[object]:
+        """Stop starting deliveries; fires when those under way are done."""
+        self._stopping = True
+        if self._scanner.running:
+            self._scanner.stop()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        return DeferredList(list(self._active.values()))
+
+    # --- scheduling ----------------------------------------------------
+
+    def wakeup(self, queue_id: str, due: float | None = None) -> None:
+        self._schedule(queue_id, self.clock() if due is None else due)
+        self._pump()
+
+    def scan(self) -> None:
+        for envelope in self.spool.envelopes():
+            due = _next_due(envelope, self.clock())
+            if due is not None and envelope.queue_id not in self._active:
+                self._schedule(envelope.queue_id, due)
+        self._pump()
+
+    def _schedule(self, queue_id: str, due: float) -> None:
+        if self._scheduled.get(queue_id, float("inf")) <= due:
+            return
+        self._scheduled[queue_id] = due
+        heapq.heappush(self._heap, (due, queue_id))
+
+    def _pump(self) -> None:
+        if self._stopping:
+            return
+        now = self.clock()
+        limit = self.get_config().delivery.concurrency
+        while self._heap and self._heap[0][0] <= now and len(self._active) < limit:
+            due, queue_id = heapq.heappop(self._heap)
+            if self._scheduled.get(queue_id) != due or queue_id in self._active:
+                continue
+            del self._scheduled[queue_id]
+            self._start(queue_id)
+        self._arm_timer(now)
+
+    def _arm_timer(self, now: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._heap and len(self._active) < self.get_config().delivery.concurrency:
+            delay = max(0.0, self._heap[0][0] - now)
+            self._timer = self.reactor.callLater(delay, self._pump)
+
+    def _start(self, queue_id: str) -> None:
+        done = Deferred.fromCoroutine(self._process(queue_id))
+        self._active[queue_id] = done
+
+        def finished(result: object) -> None:
+            del self._active[queue_id]
+            if isinstance(result, Failure):
+                log.failure("delivery of {queue_id} failed unexpectedly",
+                            result, queue_id=queue_id)
+            self._pump()
+
+        done.addBoth(finished)
+
+    # --- one message ---------------------------------------------------
+
+    async def _process(self, queue_id: str) -> None:
+        try:
+            lock = self.spool.lock(queue_id)
+        except (Locked, FileNotFoundError):
+            return  # another process has it, or it is gone
+        try:
+            envelope = self._load(queue_id)
+            if envelope is None or envelope.hold or envelope.is_done:
+                return
+            envelope = await self._deliver(envelope)
+            await self._finish(envelope)
+        finally:
+            lock.release()
+
+    def _load(self, queue_id: str) -> Envelope | None:
+        try:
+            return self.spool.load(queue_id)
+        except FileNotFoundError:
+            return None
+        except SpoolError as error:
+            self.spool.quarantine(queue_id)
+            log_event("error", f"{queue_id}: unreadable envelope moved to "
+                      f"{self.spool.corrupt}: {error}", "spool-corrupt",
+                      queue_id=queue_id)
+            return None
+
+    async def _deliver(self, envelope: Envelope) -> Envelope:
+        now = self.clock()
+        due = [recipient.address for recipient in envelope.recipients
+               if not recipient.is_final
+               and (recipient.next_attempt or 0) <= now]
+        deliverer = self.get_deliverer()
+        body = self.spool.message_path(envelope.queue_id)
+
+        for group in group_recipients(deliverer.config, due):
+            result = await deliverer.deliver(envelope, group, body)
+            envelope = self._record(envelope, group, result, deliverer)
+            await threads.deferToThread(self.spool.save, envelope)
+        return envelope
+
+    def _record(
+        self,
+        envelope: Envelope,
+        group: Group,
+        result: GroupResult,
+        deliverer: Deliverer,
+    ) -> Envelope:
+        now = self.clock()
+        for address, attempt in result.attempts.items():
+            recipient, attempt = settle(
+                envelope.recipient(address), attempt, envelope.arrival, now,
+                deliverer.config.delivery, result.not_after,
+            )
+            envelope = envelope.with_recipient(recipient)
+            log_delivery(envelope.queue_id, address, attempt,
+                         now - envelope.arrival)
+        return envelope
+
+    async def _finish(self, envelope: Envelope) -> None:
+        # A message whose recipients all got their 250 is gone; one with
+        # failed recipients stays, marked, for the operator (bounces are
+        # not sent yet: see the README's Limitations).
+        if envelope.is_done:
+            if not any(r.state == FAILED for r in envelope.recipients):
+                await threads.deferToThread(self.spool.remove, envelope.queue_id)
+                log_event("info", f"{envelope.queue_id}: removed", "removed",
+                          queue_id=envelope.queue_id)
+            return
+        due = _next_due(envelope, self.clock())
+        if due is not None:
+            self._schedule(envelope.queue_id, due)
+
+
+def _next_due(envelope: Envelope, now: float) -> float | None:
+    if envelope.hold:
+        return None
+    times = [recipient.next_attempt or now for recipient in envelope.recipients
+             if not recipient.is_final]
+    return min(times) if times else None

@@ -1,0 +1,273 @@
+"""What a listener accepts: addresses, MAIL and RCPT parameters, and which
+recipients a client may send to.
+
+Pure functions only: each takes text or configuration values and returns a
+value, or the `Reply` to send instead.  The SMTP protocol in
+`mta.smtpserver` gathers the facts and acts on the answer.
+
+The relay rules (SPEC.md section 6, "No open relay"):
+
+- an ``inbound`` listener takes a recipient only when its domain is one of
+  ``domains``; when that domain has a recipient list, only the listed
+  addresses and postmaster@ (RFC 5321 4.5.1);
+- an ``outbound`` listener takes any recipient, but only from a client
+  address inside the listener's ``networks``.  A recipient in one of our own
+  domains must still pass that domain's recipient list, as Postfix does
+  with ``smtpd_reject_unlisted_recipient`` even for ``mynetworks``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from mta.config import Config, Limits, Listener
+from mta.reply import Reply
+
+# --- RFC 5321 4.1.2 address syntax -------------------------------------
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_SUB_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN = rf"{_SUB_DOMAIN}(?:\.{_SUB_DOMAIN})*"
+_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
+
+_PATH = re.compile(
+    rf"<(?:@{_DOMAIN}(?:,@{_DOMAIN})*:)?"  # a source route, ignored
+    rf"(?P<local>{_DOT_STRING}|{_QUOTED_STRING})"
+    rf"@(?P<domain>{_DOMAIN}|{_LITERAL})>"
+)
+_PLAIN_LOCAL = re.compile(_DOT_STRING)
+_PARAMETER = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?")
+
+# RFC 5321 4.5.3.1: the limits a server must accept, and may enforce.
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+BODY_TYPES = ("7BIT", "8BITMIME")
+
+
+@dataclass(frozen=True, slots=True)
+class Mailbox:
+    """An address as the client wrote it, source route dropped; ``local``
+    keeps its quotes when it had them."""
+
+    local: str
+    domain: str
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class MailRequest:
+    """What a valid ``MAIL FROM:`` asked for."""
+
+    sender: Mailbox | None  # None: the null reverse-path <>
+    size: int | None  # declared with SIZE=, RFC 1870
+    body: str  # "7BIT" or "8BITMIME", RFC 6152
+
+
+# --- replies -------------------------------------------------------------
+
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+# RFC 3463: X.1.7 is a bad sender address, X.1.3 a bad recipient address.
+BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+BAD_SIZE = Reply(501, "5.5.4", "Bad SIZE parameter syntax")
+BAD_BODY = Reply(501, "5.5.4", "Bad BODY parameter: expected 7BIT or 8BITMIME")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+
+
+def unsupported_parameter(keyword: str) -> Reply:
+    return Reply(555, "5.5.4", f"Unsupported option: {_printable(keyword)}")
+
+
+def duplicate_parameter(keyword: str) -> Reply:
+    return Reply(501, "5.5.4", f"Parameter given twice: {keyword}")
+
+
+def _printable(text: str) -> str:
+    # The client's own word goes back in a reply: ASCII only, and short.
+    return re.sub(r"[^\x21-\x7e]", "?", text[:64])
+
+
+# --- parsing MAIL and RCPT -------------------------------------------------
+
+
+def parse_mail(argument: str, limits: Limits) -> MailRequest | Reply:
+    """``FROM:<address> [parameters]`` -> the request, or the error reply."""
+    path = _after_keyword(argument, "FROM:")
+    if path is None:
+        return MAIL_SYNTAX
+    if path == "<>" or path.startswith("<> "):
+        sender, rest = None, path[2:]
+    else:
+        parsed = _split_path(path)
+        if parsed is None:
+            return BAD_SENDER
+        sender, rest = parsed
+    return _mail_parameters(sender, rest, limits)
+
+
+def parse_rcpt(argument: str) -> Mailbox | Reply:
+    """``TO:<address> [parameters]`` -> the recipient, or the error reply.
+    No RCPT parameter is supported yet (no DSN): any is refused."""
+    path = _after_keyword(argument, "TO:")
+    if path is None:
+        return RCPT_SYNTAX
+    parsed = _split_path(path)
+    if parsed is None:
+        return BAD_RECIPIENT
+    recipient, rest = parsed
+    for keyword, _ in _parameters(rest):
+        return unsupported_parameter(keyword)
+    return recipient
+
+
+def _after_keyword(argument: str, keyword: str) -> str | None:
+    # RFC 5321 has no space after the colon; Postfix, like most servers,
+    # takes one anyway, since common clients send it.
+    if argument[: len(keyword)].upper() != keyword:
+        return None
+    return argument[len(keyword) :].lstrip(" ")
+
+
+def _split_path(text: str) -> tuple[Mailbox, str] | None:
+    """A path at the start of ``text`` and what follows it (parameters)."""
+    match = _PATH.match(text)
+    if match is None:
+        return None
+    rest = text[match.end() :]
+    if rest and not rest.startswith(" "):
+        return None
+    local, domain = match.group("local"), match.group("domain")
+    if not _within_limits(local, domain) or not _valid_literal(domain):
+        return None
+    return Mailbox(local, domain), rest
+
+
+def _within_limits(local: str, domain: str) -> bool:
+    if len(local) > MAX_LOCAL_PART or len(domain) > MAX_DOMAIN:
+        return False
+    if len(local) + len(domain) + 3 > MAX_PATH:  # "<" local "@" domain ">"
+        return False
+    return domain.startswith("[") or all(
+        len(label) <= 63 for label in domain.split(".")
+    )
+
+
+def _valid_literal(domain: str) -> bool:
+    """RFC 5321 4.1.3: ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``.  The
+    general form (a registered tag) has no registered tags, so it is
+    refused."""
+    if not domain.startswith("["):
+        return True
+    inner = domain[1:-1]
+    try:
+        if inner[:5].upper() == "IPV6:":
+            ipaddress.IPv6Address(inner[5:])
+        else:
+            ipaddress.IPv4Address(inner)
+    except ValueError:
+        return False
+    return True
+
+
+def _parameters(text: str) -> list[tuple[str, str | None]]:
+    """``KEY[=VALUE]`` words, keywords upper-cased; a word that is not one
+    comes back as its own keyword with an empty value, so it is refused as
+    an unknown parameter."""
+    words: list[tuple[str, str | None]] = []
+    for word in text.split():
+        match = _PARAMETER.fullmatch(word)
+        if match is None:
+            words.append((word, ""))
+        else:
+            words.append((match.group(1).upper(), match.group(2)))
+    return words
+
+
+def _mail_parameters(
+    sender: Mailbox | None, text: str, limits: Limits
+) -> MailRequest | Reply:
+    size: int | None = None
+    body = "7BIT"
+    seen: set[str] = set()
+    for keyword, value in _parameters(text):
+        if keyword in seen:
+            return duplicate_parameter(keyword)
+        seen.add(keyword)
+        if keyword == "SIZE":
+            # RFC 1870: up to 20 digits; a larger declared size is refused
+            # now, so the client does not send a body we would throw away.
+            if value is None or not value.isdigit() or len(value) > 20:
+                return BAD_SIZE
+            size = int(value)
+            if size > limits.message_size:
+                return TOO_BIG
+        elif keyword == "BODY":
+            if value is None or value.upper() not in BODY_TYPES:
+                return BAD_BODY
+            body = value.upper()
+        else:
+            return unsupported_parameter(keyword)
+    return MailRequest(sender=sender, size=size, body=body)
+
+
+# --- which recipients a listener accepts ---------------------------------
+
+
+def recipient_verdict(
+    config: Config, listener: Listener, client_address: str, recipient: str
+) -> Reply | None:
+    """None when ``listener`` may take ``recipient`` (a syntactically valid
+    ``local@domain``) from a client at ``client_address``; otherwise the
+    reply that refuses it."""
+    if listener.role == "outbound" and not listener.allows_client(client_address):
+        return Reply(554, "5.7.1", f"<{recipient}>: Relay access denied")
+
+    local, _, domain = recipient.rpartition("@")
+    known = config.domains.get(domain.lower())
+    if known is None:
+        if listener.role == "outbound":
+            return None
+        return Reply(
+            550,
+            "5.7.1",
+            f"<{recipient}>: Recipient address rejected: "
+            "not a domain we accept mail for",
+        )
+    if known.recipients is None or _is_listed(local, known.name, known.recipients):
+        return None
+    return Reply(
+        550,
+        "5.1.1",
+        f"<{recipient}>: Recipient address rejected: "
+        "User unknown in relay recipient table",
+    )
+
+
+def _is_listed(local: str, domain: str, listed: frozenset[str]) -> bool:
+    # The configuration lower-cases its lists: compare the same way, and a
+    # quoted local part that needs no quotes is the same mailbox unquoted.
+    plain = _unquoted(local).lower()
+    # RFC 5321 4.5.1: postmaster must be accepted, whatever its case.
+    return plain == "postmaster" or f"{plain}@{domain}" in listed
+
+
+def _unquoted(local: str) -> str:
+    if not local.startswith('"'):
+        return local
+    inner = re.sub(r"\\(.)", r"\1", local[1:-1])
+    return inner if _PLAIN_LOCAL.fullmatch(inner) else local
+
+
+def recipient_limit(limits: Limits, accepted: int) -> Reply | None:
+    """A refusal when ``accepted`` recipients already fill the transaction."""
+    return TOO_MANY_RECIPIENTS if accepted >= limits.recipients else None

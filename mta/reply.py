@@ -1,0 +1,44 @@
+"""SMTP replies as values: a code, an enhanced status code and text."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    dsn: str  # enhanced status code, RFC 3463: "2.0.0", "5.7.1"
+    text: str
+
+    @classmethod
+    def parse(cls, code: int, text: str) -> Reply:
+        """A reply as a peer sent it; its enhanced code is read from the
+        text when present, or derived from the basic code (RFC 3463)."""
+        text = " ".join(text.split())
+        match = _ENHANCED.match(text)
+        if match and match.group(1) == str(code)[0]:
+            return cls(code, match.group(0), text[match.end() :].strip())
+        return cls(code, f"{str(code)[0]}.0.0", text)
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def line(self) -> str:
+        """As written in logs: ``250 2.0.0 Ok``."""
+        return f"{self.code} {self.dsn} {self.text}".rstrip()
+
+    def __str__(self) -> str:
+        return self.line()

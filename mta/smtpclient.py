@@ -1,0 +1,828 @@
+"""The delivery client: one connection to one host, one mail transaction.
+
+`deliver` connects, reads the greeting, says EHLO (HELO after a 5xx),
+starts TLS when the settings allow and the server offers it, sends one
+message to its recipients and quits.  It never retries: the queue owns
+retries and the choice of the next host.  Its answer is a `SessionResult`,
+a value saying how far the session got, what each recipient and the end of
+data were answered, and what TLS looked like.
+
+What this client does that Twisted's stock `ESMTPClient` does not (see
+TWISTED-NOTES.md): bytes the server sends after its 220 to STARTTLS are
+dropped, and only the capabilities read inside TLS count; EHLO keywords are
+case-insensitive; a TLS verdict (`check_tls`) is taken when the handshake
+completes, before EHLO leaves; SIZE, BODY=8BITMIME and PIPELINING are used;
+the body goes through `BodyEncoder`, with the terminator in the same write
+as the last body bytes; every wait has a time limit (RFC 5321 4.5.3.2).
+
+Only the multi-line reply reader (`lineReceived`) and `sendLine` are reused
+from Twisted.  Each command sent queues the handler for its reply, so
+pipelined commands (RFC 2920) are answered in order with no extra state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from cryptography import x509
+from OpenSSL import SSL
+from twisted.internet import error as neterror
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IPullProducer,
+)
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mta.bodyencoder import BodyEncoder
+from mta.config import Timeouts
+from mta.envelope import TLSFacts
+from mta.reply import Reply
+from mta.tlsctx import VERIFY_ERRORS, ClientCreator
+
+CHUNK_SIZE = 64 * 1024
+
+_log = Logger(namespace="mta.smtpclient")
+
+_Handler = Callable[[Reply, list[str]], None]
+
+
+# Values in and out.
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The host to connect to: ``name`` for SNI and logs (the address
+    itself for a literal), ``address`` the IP connected to."""
+
+    name: str
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.address}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    sender: str  # "" for the null reverse-path
+    recipients: tuple[str, ...]
+    body_path: Path
+    size: int
+    body_8bit: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSession:
+    """What a completed handshake showed, for the policy and the log."""
+
+    protocol: str
+    cipher: str
+    bits: int
+    peer_certificate: x509.Certificate | None
+    verify_error: int | None
+    verify_reason: str | None
+
+    @property
+    def facts(self) -> TLSFacts:
+        return TLSFacts(self.protocol, self.cipher, self.bits)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """How to talk to the host.  ``starttls``: try STARTTLS when offered;
+    ``require_tls``: send no MAIL unless TLS is up; ``check_tls``: a verdict
+    on the handshake, a reason string aborting the session before EHLO."""
+
+    helo: str
+    tls_context: SSL.Context | None
+    starttls: bool
+    require_tls: bool
+    timeouts: Timeouts
+    check_tls: Callable[[TLSSession], str | None] | None = None
+    transcript: bool = False  # log every line sent and read, at debug
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFailure:
+    """Why a session ended early: the stage ("connect", "greeting", "EHLO",
+    "HELO", "STARTTLS", "TLS handshake", "TLS policy", "MAIL", "RCPT",
+    "DATA"), the server's reply if it gave one, and a Postfix-like phrase."""
+
+    stage: str
+    reply: Reply | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResult:
+    """What one session achieved.
+
+    ``rcpt_replies`` holds a reply per recipient the server answered;
+    ``data_reply`` is the reply to the end of data, which applies to every
+    recipient accepted.  ``failure`` says why the session ended early, at
+    any stage; ``tls_failure`` is set when STARTTLS was refused or the
+    handshake failed (what the opportunistic fallback looks at).
+    """
+
+    target: Target
+    failure: SessionFailure | None = None
+    starttls_offered: bool = False
+    tls: TLSSession | None = None
+    tls_failure: str | None = None
+    rcpt_replies: dict[str, Reply] = field(default_factory=dict)
+    data_reply: Reply | None = None
+
+    @property
+    def failed_before_recipients(self) -> bool:
+        """True when the session failed before any recipient result: the
+        queue tries the next host.  False: the per-recipient replies (and
+        `reply_for`) decide."""
+        return self.failure is not None and not self.rcpt_replies
+
+    def reply_for(self, recipient: str) -> Reply | None:
+        """The reply that decides ``recipient``: its RCPT reply when that
+        was not 2xx, else the end-of-data reply, else the reply that cut the
+        session short (a 421, a refused DATA).  None: no reply, the
+        connection failed (the recipient is deferred with `reason_for`)."""
+        rcpt = self.rcpt_replies.get(recipient)
+        if rcpt is not None and not rcpt.is_success:
+            return rcpt
+        if rcpt is not None and self.data_reply is not None:
+            return self.data_reply
+        return self.failure.reply if self.failure is not None else None
+
+    def reason_for(self, recipient: str) -> str:
+        """The phrase for the log and the bounce, as Postfix words it."""
+        rcpt = self.rcpt_replies.get(recipient)
+        if rcpt is not None and not rcpt.is_success:
+            return said(self.target, rcpt, "RCPT TO")
+        if rcpt is not None and self.data_reply is not None:
+            if self.data_reply.is_success:
+                return self.data_reply.line()
+            return said(self.target, self.data_reply, "end of DATA")
+        if self.failure is not None:
+            return self.failure.reason
+        return "no reply to RCPT TO"
+
+
+# Pure decisions: capabilities and phrases.
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """EHLO keywords, upper-cased (RFC 5321 2.4: case does not matter)."""
+
+    keywords: frozenset[str]
+    size_limit: int | None = None  # SIZE's argument; 0 or None: no limit
+
+    @property
+    def starttls(self) -> bool:
+        return "STARTTLS" in self.keywords
+
+    @property
+    def size(self) -> bool:
+        return "SIZE" in self.keywords
+
+    @property
+    def eightbitmime(self) -> bool:
+        return "8BITMIME" in self.keywords
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.keywords
+
+
+NO_EXTENSIONS = Capabilities(frozenset())
+
+
+def parse_ehlo(lines: list[str]) -> Capabilities:
+    """Capabilities from an EHLO reply's text lines, the first of which is
+    the server's greeting, not a keyword."""
+    keywords = set()
+    size_limit = None
+    for line in lines[1:]:
+        words = line.split()
+        if not words:
+            continue
+        keyword = words[0].upper()
+        keywords.add(keyword)
+        if keyword == "SIZE" and len(words) > 1 and words[1].isdigit():
+            size_limit = int(words[1])
+    return Capabilities(frozenset(keywords), size_limit)
+
+
+def said(target: Target, reply: Reply, command: str | None) -> str:
+    where = f" (in reply to {command} command)" if command else ""
+    return f"host {target} said: {reply.line()}{where}"
+
+
+def mail_parameters(caps: Capabilities, transaction: Transaction) -> str:
+    """SIZE (RFC 1870) when offered, BODY=8BITMIME (RFC 6152) when needed."""
+    parameters = ""
+    if caps.size:
+        parameters += f" SIZE={transaction.size}"
+    if transaction.body_8bit and caps.eightbitmime:
+        parameters += " BODY=8BITMIME"
+    return parameters
+
+
+def refuse_before_mail(
+    caps: Capabilities, transaction: Transaction, target: Target
+) -> SessionFailure | None:
+    """A MAIL that must not be sent, because the server cannot take it."""
+    if transaction.body_8bit and not caps.eightbitmime:
+        # RFC 6152 3: a relay that cannot convert may bounce.
+        reply = Reply(
+            554,
+            "5.6.3",
+            "conversion to 7bit required but not supported; "
+            "server does not offer 8BITMIME",
+        )
+        reason = f"{target} does not offer 8BITMIME for an 8-bit message"
+        return SessionFailure("MAIL", reply, reason)
+
+    if caps.size_limit and transaction.size > caps.size_limit:
+        text = (
+            f"message size {transaction.size} exceeds size limit "
+            f"{caps.size_limit} of server {target}"
+        )
+        return SessionFailure("MAIL", Reply(552, "5.3.4", text), text)
+    return None
+
+
+# Each step of the session: its stage name, what we were doing (for "lost
+# connection with HOST while ..."), and the command the reply answers.
+_STEPS = {
+    "greeting": ("greeting", "receiving the initial server greeting", None),
+    "EHLO": ("EHLO", "performing the EHLO handshake", "EHLO"),
+    "HELO": ("HELO", "performing the HELO handshake", "HELO"),
+    "STARTTLS": ("STARTTLS", "sending STARTTLS", "STARTTLS"),
+    "TLS handshake": ("TLS handshake", "performing the TLS handshake", None),
+    "MAIL": ("MAIL", "sending MAIL FROM", "MAIL FROM"),
+    "RCPT": ("RCPT", "sending RCPT TO", "RCPT TO"),
+    "DATA": ("DATA", "sending DATA command", "DATA"),
+    "body": ("DATA", "sending message body", None),
+    "end of data": (
+        "DATA",
+        "sending end of data -- message may be sent more than once",
+        "end of DATA",
+    ),
+    "QUIT": ("QUIT", "sending QUIT", "QUIT"),
+}
+
+
+def connect_reason(target: Target, error: BaseException) -> str:
+    if isinstance(error, (neterror.TimeoutError, neterror.TCPTimedOutError)):
+        why = "Connection timed out"
+    elif isinstance(error, neterror.ConnectError) and error.args and error.args[0]:
+        why = str(error.args[0])  # strerror: "Connection refused"
+    else:
+        why = str(error)
+    return f"connect to {target}:{target.port}: {why}"
+
+
+def _ssl_reason(error: BaseException) -> str:
+    try:
+        return ", ".join(str(entry[2]) for entry in error.args[0])
+    except (IndexError, TypeError):
+        return str(error)
+
+
+# The protocol.
+
+
+@implementer(IHandshakeListener)
+class DeliveryClient(smtp.ESMTPClient):
+    """One session.  Replies are matched to the commands they answer by a
+    queue of handlers; `_step` names what the session is doing now."""
+
+    debug = False  # our transcript goes to the logger at debug level
+
+    def __init__(
+        self,
+        reactor: Any,
+        target: Target,
+        transaction: Transaction,
+        settings: ClientSettings,
+        done: Deferred[SessionResult],
+    ) -> None:
+        super().__init__(  # type: ignore[no-untyped-call]
+            secret=None, contextFactory=None, identity=settings.helo
+        )
+        self._reactor = reactor
+        self._target = target
+        self._transaction = transaction
+        self._settings = settings
+        self._done = done
+        self._recipients = tuple(dict.fromkeys(transaction.recipients))
+
+        # (step, handler) for each reply still to come, oldest first.
+        self._pending: deque[tuple[str, _Handler]] = deque()
+        self._step = "greeting"
+        self._caps = NO_EXTENSIONS
+        self._creator: ClientCreator | None = None
+        self._body: _BodyProducer | None = None
+        self._ending = False  # QUIT once the outstanding replies are in
+        self._closing = False  # QUIT sent or connection being closed
+
+        self._failure: SessionFailure | None = None
+        self._starttls_offered = False
+        self._tls: TLSSession | None = None
+        self._tls_failure: str | None = None
+        self._rcpt_replies: dict[str, Reply] = {}
+        self._data_reply: Reply | None = None
+
+    # Twisted's own STARTTLS and AUTH logic is never used (TWISTED-NOTES).
+
+    def tryTLS(self, code: int, resp: bytes, items: dict[bytes, Any]) -> None:
+        raise NotImplementedError("DeliveryClient runs its own STARTTLS")
+
+    def authenticate(self, code: int, resp: bytes, items: dict[bytes, Any]) -> None:
+        raise NotImplementedError("DeliveryClient does not authenticate")
+
+    def callLater(self, period: float, func: Callable[[], None]) -> Any:
+        return self._reactor.callLater(period, func)
+
+    @property
+    def _wire(self) -> Any:
+        # The TCP transport, TLS once started; Twisted's `ITransport` lacks
+        # startTLS, getHandle and abortConnection, so it is typed loosely.
+        return self.transport
+
+    def _limit(self, seconds: float | None) -> None:
+        """Time allowed for the next reply (or body progress)."""
+        self.setTimeout(seconds)  # type: ignore[no-untyped-call]
+
+    # Connection events.
+
+    def connectionMade(self) -> None:
+        # Nagle would hold a short command (or the terminator) for the
+        # peer's delayed ACK.
+        self._wire.setTcpNoDelay(True)
+        # Twisted's reader calls one of two handlers by whether the code is
+        # expected; both are our dispatcher, which matches replies itself.
+        self._expected = []
+        self._okresponse = self._failresponse = self._dispatch
+        self._limit(self._settings.timeouts.command)
+        self._pending.append(("greeting", self._on_greeting))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._limit(None)
+        if self._body is not None:
+            self._body.stopProducing()
+        if not self._closing:
+            self._record_loss(reason)
+        self._settle()
+
+    def _record_loss(self, reason: Failure) -> None:
+        _, doing, _ = _STEPS[self._step]
+        text = f"lost connection with {self._target} while {doing}"
+        if self._step == "TLS handshake":
+            if isinstance(reason.value, SSL.Error):
+                text += f": {_ssl_reason(reason.value)}"
+            self._tls_failure = text
+        self._fail(text)
+
+    def timeoutConnection(self) -> None:
+        if not self._closing:
+            _, doing, _ = _STEPS[self._step]
+            text = f"conversation with {self._target} timed out while {doing}"
+            if self._step == "TLS handshake":
+                self._tls_failure = text
+            self._fail(text)
+            self._closing = True
+        self._wire.abortConnection()
+
+    def sendError(self, exc: BaseException) -> None:
+        # Twisted's reply reader calls this for a line without a code.
+        _, doing, _ = _STEPS[self._step]
+        self._fail(f"malformed reply from {self._target} while {doing}")
+        self._abort()
+
+    # Replies.
+
+    def lineReceived(self, line: bytes) -> Any:
+        if self._settings.transcript:
+            _log.debug("{target} S: {line!r}", target=str(self._target), line=line)
+        return super().lineReceived(line)  # type: ignore[no-untyped-call]
+
+    def sendLine(self, line: bytes) -> None:
+        if self._settings.transcript:
+            _log.debug("{target} C: {line!r}", target=str(self._target), line=line)
+        super().sendLine(line)  # type: ignore[no-untyped-call]
+
+    def _command(self, step: str, line: str, handler: _Handler) -> None:
+        if not self._pending:
+            self._step = step
+        self._pending.append((step, handler))
+        self.sendLine(line.encode("utf-8"))
+
+    def _dispatch(self, code: int, resp: bytes) -> None:
+        lines = resp.decode("utf-8", "replace").split("\n")
+        reply = Reply.parse(code, " ".join(lines))
+        if not 200 <= code < 600 or not self._pending:
+            self._unexpected(reply)
+            return
+
+        self._step, handler = self._pending.popleft()
+        if code == 421 and not self._closing:
+            # RFC 5321 3.8: the server is closing; so do we, without QUIT.
+            self._fail(self._refusal(reply), reply)
+            self._close()
+            return
+
+        handler(reply, lines)
+        if self._pending:
+            # Pipelined: what the session waits for now is the next reply.
+            self._step = self._pending[0][0]
+        elif self._ending and not self._closing:
+            self._quit()
+
+    def _unexpected(self, reply: Reply) -> None:
+        if self._closing:
+            return
+        # A reply to nothing (a 421 while idle, a reply during the body):
+        # what we send next could be misread, so stop here.
+        _, doing, _ = _STEPS[self._step]
+        self._fail(f"host {self._target} said: {reply.line()} while {doing}", reply)
+        self._abort()
+
+    def _refusal(self, reply: Reply) -> str:
+        if self._step == "greeting":
+            return f"{self._target} refused to talk to me: {reply.line()}"
+        _, _, command = _STEPS[self._step]
+        return said(self._target, reply, command)
+
+    # Greeting, EHLO, HELO.
+
+    def _on_greeting(self, reply: Reply, lines: list[str]) -> None:
+        if reply.code != 220:
+            self._refuse(reply)
+            return
+        self._command("EHLO", f"EHLO {self._settings.helo}", self._on_ehlo)
+
+    def _on_ehlo(self, reply: Reply, lines: list[str]) -> None:
+        if reply.is_permanent:
+            # RFC 5321 4.1.4: a server without ESMTP; no extensions then.
+            self._command("HELO", f"HELO {self._settings.helo}", self._on_helo)
+            return
+        if not reply.is_success:
+            self._refuse(reply)
+            return
+
+        # After STARTTLS only what the server says inside TLS counts
+        # (RFC 3207 4.2): the capabilities are replaced, never merged.
+        self._caps = parse_ehlo(lines)
+        if self._tls is None:
+            self._starttls_offered = self._caps.starttls
+        self._after_hello()
+
+    def _on_helo(self, reply: Reply, lines: list[str]) -> None:
+        if not reply.is_success:
+            self._refuse(reply)
+            return
+        self._caps = NO_EXTENSIONS
+        self._after_hello()
+
+    def _after_hello(self) -> None:
+        settings = self._settings
+        if self._tls is None and settings.tls_context is not None:
+            if settings.starttls and self._caps.starttls:
+                self._command("STARTTLS", "STARTTLS", self._on_starttls)
+                return
+
+        if self._tls is None and settings.require_tls:
+            self._require_tls_failed()
+            return
+        self._send_mail()
+
+    def _require_tls_failed(self) -> None:
+        if not self._caps.starttls:
+            reason = f"TLS is required, but was not offered by host {self._target}"
+            self._fail(reason, stage="STARTTLS")
+        else:
+            reason = f"TLS is required, but STARTTLS is turned off for {self._target}"
+            self._fail(reason, stage="TLS policy")
+        self._end()
+
+    # STARTTLS and the handshake.
+
+    def _on_starttls(self, reply: Reply, lines: list[str]) -> None:
+        if reply.code != 220:
+            self._tls_failure = self._refusal(reply)
+            self._refuse(reply)
+            return
+
+        # Whatever the server sent after its 220 and before the handshake
+        # is no part of any TLS session: reading it as the EHLO reply is
+        # the response injection of CVE-2011-0411's family.  Drop it.
+        self.clearLineBuffer()  # type: ignore[no-untyped-call]
+        self._step = "TLS handshake"
+        context = self._settings.tls_context
+        assert context is not None
+        self._creator = ClientCreator(context, _sni_name(self._target.name))
+        self._wire.startTLS(self._creator)
+
+    def handshakeCompleted(self) -> None:
+        assert self._creator is not None
+        handle = self._wire.getHandle()
+        facts = self._creator.facts
+        self._tls = TLSSession(
+            protocol=handle.get_protocol_version_name(),
+            cipher=handle.get_cipher_name(),
+            bits=handle.get_cipher_bits(),
+            peer_certificate=handle.get_peer_certificate(as_cryptography=True),
+            verify_error=facts.verify_error,
+            verify_reason=facts.verify_reason,
+        )
+
+        # The verdict is taken before anything is written inside TLS, so a
+        # refused certificate sees neither EHLO nor MAIL.
+        check = self._settings.check_tls
+        verdict = check(self._tls) if check is not None else None
+        if verdict is not None:
+            self._fail(verdict, stage="TLS policy")
+            self._close()
+            return
+        self._command("EHLO", f"EHLO {self._settings.helo}", self._on_ehlo)
+
+    # The transaction.
+
+    def _send_mail(self) -> None:
+        refusal = refuse_before_mail(self._caps, self._transaction, self._target)
+        if refusal is not None:
+            self._failure = self._failure or refusal
+            self._end()
+            return
+
+        parameters = mail_parameters(self._caps, self._transaction)
+        line = f"MAIL FROM:<{self._transaction.sender}>{parameters}"
+        self._command("MAIL", line, self._on_mail)
+        if self._caps.pipelining:
+            # RFC 2920 3.1: MAIL and RCPT may go in one group; their replies
+            # come back in order.  DATA waits for them.
+            for recipient in self._recipients:
+                self._send_rcpt(recipient)
+
+    def _on_mail(self, reply: Reply, lines: list[str]) -> None:
+        if not reply.is_success:
+            # Pipelined RCPTs get 503s; `_ending` makes their handlers
+            # ignore them, and QUIT follows the last.
+            self._refuse(reply)
+            return
+        if not self._caps.pipelining:
+            self._send_rcpt(self._recipients[0])
+
+    def _send_rcpt(self, recipient: str) -> None:
+        handler = partial(self._on_rcpt, recipient)
+        self._command("RCPT", f"RCPT TO:<{recipient}>", handler)
+
+    def _on_rcpt(self, recipient: str, reply: Reply, lines: list[str]) -> None:
+        if self._ending:
+            return
+        self._rcpt_replies[recipient] = reply
+        answered = len(self._rcpt_replies)
+        if answered < len(self._recipients):
+            if not self._caps.pipelining:
+                self._send_rcpt(self._recipients[answered])
+            return
+
+        if any(reply.is_success for reply in self._rcpt_replies.values()):
+            self._command("DATA", "DATA", self._on_data)
+        else:
+            self._end()
+
+    def _on_data(self, reply: Reply, lines: list[str]) -> None:
+        if reply.code != 354:
+            self._refuse(reply)
+            return
+
+        self._step = "body"
+        # RFC 5321 4.5.3.2: the body and the final reply have their own,
+        # longer time limit; each chunk the peer takes restarts it.
+        self._limit(self._settings.timeouts.data)
+        try:
+            body = self._transaction.body_path.open("rb")
+        except OSError as error:
+            self._body_failed(error)
+            return
+        self._body = _BodyProducer(
+            body, self._wire, self._body_sent, self._body_failed, self.resetTimeout
+        )
+        self._wire.registerProducer(self._body, False)
+
+    def _body_sent(self) -> None:
+        self._body = None
+        self._step = "end of data"
+        self._pending.append(("end of data", self._on_end_of_data))
+
+    def _body_failed(self, error: OSError) -> None:
+        # Never send the terminator after a partial body: dropping the
+        # connection makes the server discard what it got.
+        self._body = None
+        path = self._transaction.body_path
+        self._fail(f"cannot read message body {path}: {error.strerror or error}")
+        self._abort()
+
+    def _on_end_of_data(self, reply: Reply, lines: list[str]) -> None:
+        self._data_reply = reply
+        self._end()
+
+    # Ending.
+
+    def _fail(self, reason: str, reply: Reply | None = None, stage: str = "") -> None:
+        """Record why the session failed; the first reason wins."""
+        if self._failure is None:
+            stage = stage or _STEPS[self._step][0]
+            self._failure = SessionFailure(stage, reply, reason)
+
+    def _refuse(self, reply: Reply) -> None:
+        self._fail(self._refusal(reply), reply)
+        self._end()
+
+    def _end(self) -> None:
+        """QUIT once every outstanding (pipelined) reply is in."""
+        self._ending = True
+        if not self._pending and not self._closing:
+            self._quit()
+
+    def _quit(self) -> None:
+        self._command("QUIT", "QUIT", self._on_quit)
+        self._limit(self._settings.timeouts.command)
+        self._closing = True
+        # The outcome is known: the queue need not wait for the 221.
+        self._settle()
+
+    def _on_quit(self, reply: Reply, lines: list[str]) -> None:
+        self._wire.loseConnection()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._limit(self._settings.timeouts.command)
+        self._wire.loseConnection()
+
+    def _abort(self) -> None:
+        self._closing = True
+        self._wire.abortConnection()
+
+    def _settle(self) -> None:
+        if self._done.called:
+            return
+        self._done.callback(
+            SessionResult(
+                target=self._target,
+                failure=self._failure,
+                starttls_offered=self._starttls_offered,
+                tls=self._tls,
+                tls_failure=self._tls_failure,
+                rcpt_replies=dict(self._rcpt_replies),
+                data_reply=self._data_reply,
+            )
+        )
+
+
+def _check_transaction(transaction: Transaction) -> None:
+    """Refuse what would make a wrong command: the spool's addresses were
+    checked on the way in, so this is a programming error."""
+    if not transaction.recipients:
+        raise ValueError("a transaction needs at least one recipient")
+    for address in (transaction.sender, *transaction.recipients):
+        if any(char in address for char in "\r\n<>"):
+            raise ValueError(f"not a valid address for SMTP: {address!r}")
+
+
+def _sni_name(name: str) -> str | None:
+    # RFC 6066 3: SNI carries host names only, never an address literal.
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    return None
+
+
+@implementer(IPullProducer)
+class _BodyProducer:
+    """Reads the body file in chunks as the transport asks for more, so a
+    large message takes two chunks of memory; writes the terminator with
+    the last body bytes, so Nagle never holds it back on its own."""
+
+    def __init__(
+        self,
+        body: BinaryIO,
+        transport: Any,
+        sent: Callable[[], None],
+        failed: Callable[[OSError], None],
+        progress: Callable[[], None],
+    ) -> None:
+        self._body = body
+        self._transport = transport
+        self._sent = sent
+        self._failed = failed
+        self._progress = progress
+        self._encoder = BodyEncoder()
+        self._next: bytes | None = None
+        self._stopped = False
+
+    def resumeProducing(self) -> None:
+        if self._stopped:
+            return  # never a terminator after a body cut short
+        try:
+            chunk = self._next if self._next is not None else self._read()
+            self._next = self._read()
+        except OSError as error:
+            self._stop()
+            self._failed(error)
+            return
+
+        data = self._encoder.encode(chunk)
+        if self._next:
+            self._transport.write(data)
+            self._progress()
+            return
+        self._transport.write(data + self._encoder.finish())
+        self._stop()
+        self._sent()
+
+    def _read(self) -> bytes:
+        return self._body.read(CHUNK_SIZE)
+
+    def _stop(self) -> None:
+        self._stopped = True
+        self._transport.unregisterProducer()
+        self._body.close()
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        self._body.close()
+
+
+class _Factory(Factory):
+    noisy = False
+
+    def __init__(self, build: Callable[[], DeliveryClient]) -> None:
+        self._build = build
+        self.client: DeliveryClient | None = None
+
+    def buildProtocol(self, addr: Any) -> DeliveryClient:
+        self.client = self._build()
+        self.client.factory = self
+        return self.client
+
+
+def deliver(
+    reactor: Any,
+    target: Target,
+    transaction: Transaction,
+    settings: ClientSettings,
+) -> Deferred[SessionResult]:
+    """Run one session with ``target``; the Deferred always fires with a
+    `SessionResult` (connection problems included), never an error, unless
+    cancelled."""
+    _check_transaction(transaction)
+    cancelled = False
+
+    def cancel(_: Deferred[SessionResult]) -> None:
+        nonlocal cancelled
+        cancelled = True
+        connecting.cancel()
+        if factory.client is not None and factory.client.transport is not None:
+            factory.client.transport.abortConnection()
+
+    done: Deferred[SessionResult] = Deferred(cancel)
+    # A result from a cancelled session is dropped: cancel() has fired it.
+    fire = Deferred[SessionResult]()
+    fire.addCallback(lambda result: None if cancelled else done.callback(result))
+
+    factory = _Factory(
+        lambda: DeliveryClient(reactor, target, transaction, settings, fire)
+    )
+    endpoint_type = TCP6ClientEndpoint if ":" in target.address else TCP4ClientEndpoint
+    endpoint = endpoint_type(
+        reactor, target.address, target.port, timeout=settings.timeouts.connect
+    )
+    connecting = endpoint.connect(factory)  # type: ignore[arg-type]
+
+    def connect_failed(failure: Failure) -> None:
+        if cancelled:
+            return
+        assert failure.value is not None
+        reason = connect_reason(target, failure.value)
+        done.callback(
+            SessionResult(target, failure=SessionFailure("connect", None, reason))
+        )
+
+    connecting.addErrback(connect_failed)
+    return done

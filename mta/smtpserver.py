@@ -1,0 +1,803 @@
+# Twisted's smtp module and TimeoutMixin carry no type hints.
+# mypy: disallow-untyped-calls=False
+"""The SMTP listener: takes mail from clients and puts it in the spool.
+
+`RelayServer` subclasses Twisted's `smtp.ESMTP` for what is sound there (the
+greeting, `sendCode`, the idle timer of `TimeoutMixin`) and replaces the
+rest, whose faults TWISTED-NOTES.md lists:
+
+- input is split by our own reader in `dataReceived`, never by
+  `LineOnlyReceiver`: a command line ends only at CRLF, and DATA ends only
+  at CRLF.CRLF whatever the length of the lines before it;
+- replies go out strictly in command order under pipelining (RFC 2920
+  3.1): while the spool commit of a message runs in a thread, buffered
+  input waits, and the transport is paused;
+- STARTTLS throws away whatever was pipelined after it and forgets the
+  HELO and the transaction (RFC 3207 4.2, CVE-2011-0411);
+- one spool writer per transaction, fed as the bytes arrive, so memory stays
+  flat whatever the message size.
+
+Which recipients a listener takes, and the MAIL and RCPT syntax, are pure
+functions in `mta.relaycontrol`; the DATA stream is decoded by the pure
+`DataDecoder` below.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
+from twisted.internet.protocol import ServerFactory, connectionDone
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mta.config import Config, Listener
+from mta.envelope import Client, Envelope, Recipient, TLSFacts
+from mta.logs import log_accepted, log_event, log_reject
+from mta.received import received_header
+from mta.relaycontrol import (
+    TOO_BIG,
+    parse_mail,
+    parse_rcpt,
+    recipient_limit,
+    recipient_verdict,
+)
+from mta.reply import Reply
+from mta.spool import MessageWriter, Spool
+from mta.tlsctx import ServerCreator
+
+_log = Logger(namespace="mta.smtpserver")
+
+# RFC 5321 4.5.3.1.4 allows 512 octets; Postfix takes 2048 (line_length_limit),
+# which leaves room for long parameter lists.  The CRLF counts.
+MAX_COMMAND_LINE = 2048
+
+# We do no reverse lookup yet: Postfix's word for a client without a
+# verified name, so log lines and Received headers read the same.
+UNKNOWN_HOST = "unknown"
+
+# --- replies -------------------------------------------------------------
+# RFC 2034 puts an enhanced status code on every reply but the greeting and
+# the replies to HELO and EHLO; 3xx replies have no class to put one in.
+
+OK = Reply(250, "2.0.0", "Ok")
+OK_SENDER = Reply(250, "2.1.0", "Ok")
+OK_RECIPIENT = Reply(250, "2.1.5", "Ok")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+BYE = Reply(221, "2.0.0", "Bye")
+CANNOT_VRFY = Reply(252, "2.5.0", "Cannot VRFY user; try RCPT to attempt delivery")
+HELP = Reply(
+    214,
+    "2.0.0",
+    "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY STARTTLS",
+)
+
+BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+BARE_NEWLINE_IN_COMMAND = Reply(
+    500, "5.5.2", "Error: bare CR or LF in command; lines must end in CRLF"
+)
+UNKNOWN_COMMAND = Reply(502, "5.5.2", "Error: command not recognized")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
+TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available due to local problem")
+MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+
+BARE_NEWLINE_IN_DATA = Reply(
+    550, "5.6.0", "Message contains bare CR or LF; lines must end in CRLF"
+)
+QUEUE_WRITE_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
+NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
+
+
+def syntax(usage: str) -> Reply:
+    return Reply(501, "5.5.4", f"Syntax: {usage}")
+
+
+def reply_text(reply: Reply) -> str:
+    """``250 2.0.0 Ok``; a reply without an enhanced code has no gap."""
+    words = (str(reply.code), reply.dsn, reply.text)
+    return " ".join(word for word in words if word)
+
+
+# --- the DATA stream ---------------------------------------------------------
+
+_LINE_START, _DOT, _DOT_CR, _IN_LINE = range(4)
+_CR, _LF, _PERIOD = 13, 10, 46
+
+
+def _only_crlf(data: bytes) -> bool:
+    """Every CR is followed by LF and every LF preceded by CR."""
+    pairs = data.count(b"\r\n")
+    return data.count(b"\r") == pairs and data.count(b"\n") == pairs
+
+
+class DataDecoder:
+    """Turns the bytes after 354 into the message, one read at a time.
+
+    It removes the dot-stuffing (RFC 5321 4.5.2) and finds the end, which is
+    CRLF.CRLF and nothing else (the CRLF of the DATA command counts as the
+    first).  It keeps only the state it needs across reads: where in a line
+    it is, and whether the last byte was a CR; never a whole line.
+
+    Lines of any length are taken and kept as they came, even past the 998
+    octets of RFC 5322: we relay them unchanged, as Postfix does, rather than
+    fold or refuse mail the sender's own server accepted.  A bare CR or LF
+    anywhere, or a size past ``limit``, marks the message failed: from then
+    on nothing is given back to store, but the stream is still read to its
+    end, so the failure is answered in its place, after CRLF.CRLF.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0  # message bytes after unstuffing
+        self.failure: Reply | None = None
+        self._state = _LINE_START
+        self._after_cr = False  # in a line, and the last byte was CR
+
+    def fail(self, reply: Reply) -> None:
+        if self.failure is None:
+            self.failure = reply
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        """The bytes to store, and what follows CRLF.CRLF (None while the
+        message goes on)."""
+        pieces: list[bytes] = []
+        position = 0
+        while position < len(data):
+            byte = data[position]
+            if self._state == _LINE_START and byte == _PERIOD:
+                self._state = _DOT  # the dot itself is never stored
+                position += 1
+            elif self._state == _DOT and byte == _CR:
+                self._state = _DOT_CR
+                position += 1
+            elif self._state == _DOT_CR and byte == _LF:
+                self._state = _LINE_START
+                return self._store(pieces), data[position + 1 :]
+            else:
+                if self._state == _DOT_CR:
+                    self.fail(BARE_NEWLINE_IN_DATA)  # ".", CR, not LF
+                self._state = _IN_LINE
+                position = self._in_line(data, position, pieces)
+        return self._store(pieces), None
+
+    def _in_line(self, data: bytes, position: int, pieces: list[bytes]) -> int:
+        """Take bytes up to the next line that starts with a dot (which
+        needs a look), or to the end of the read; return where it stopped."""
+        if self._after_cr:
+            self._after_cr = False
+            if data[position] == _LF:  # the CR ended the previous read
+                pieces.append(b"\n")
+                self._state = _LINE_START
+                return position + 1
+            self.fail(BARE_NEWLINE_IN_DATA)
+
+        found = data.find(b"\r\n.", position)
+        stop = len(data) if found < 0 else found + 2
+        span = data[position:stop]
+        if span.endswith(b"\r\n"):
+            self._state = _LINE_START
+        elif span.endswith(b"\r"):
+            self._after_cr = True  # its LF may come in the next read
+            span = span[:-1]
+            pieces.append(span)
+            pieces.append(b"\r")
+            if not _only_crlf(span):
+                self.fail(BARE_NEWLINE_IN_DATA)
+            return stop
+        if not _only_crlf(span):
+            self.fail(BARE_NEWLINE_IN_DATA)
+        pieces.append(span)
+        return stop
+
+    def _store(self, pieces: list[bytes]) -> bytes:
+        if self.failure is not None:
+            return b""
+        stored = b"".join(pieces)
+        self.size += len(stored)
+        if self.size > self.limit:
+            self.fail(TOO_BIG)
+            return b""
+        return stored
+
+
+# --- the session ---------------------------------------------------------------
+
+CommitMessage = Callable[[MessageWriter, Envelope], "Deferred[None]"]
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """A mail transaction from MAIL to the end of DATA (RFC 5321 3.3)."""
+
+    sender: str  # "" for the null reverse-path
+    arrival: float
+    body: str
+    recipients: tuple[str, ...] = ()
+
+    def has_recipient(self, address: str) -> bool:
+        # The local part is case-sensitive (RFC 5321 2.4); the domain is not.
+        wanted = _mailbox_key(address)
+        return any(_mailbox_key(known) == wanted for known in self.recipients)
+
+
+def _mailbox_key(address: str) -> str:
+    local, _, domain = address.rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
+@dataclass(slots=True)
+class _MessageInProgress:
+    transaction: Transaction
+    writer: MessageWriter
+    decoder: DataDecoder
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What one connection works with, fixed when it opens: a reload
+    changes the next connection, never one in progress."""
+
+    config: Config
+    listener: Listener
+    spool: Spool
+    tls_creator: ServerCreator | None
+    on_queued: Callable[[Envelope], None]
+    commit: CommitMessage
+    reactor: Any  # IReactorTime
+
+
+@implementer(IHandshakeListener)
+class RelayServer(smtp.ESMTP):
+    """One client connection.  Commands are dispatched to ``smtp_VERB``
+    methods, each of which sends exactly one reply."""
+
+    transport: Any  # ITCPTransport, and ITLSTransport when it can
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.host = settings.config.hostname.encode("ascii")
+        self.idle_timeout = settings.config.limits.idle_timeout
+        self.client_address = UNKNOWN_HOST
+        self.tls: TLSFacts | None = None
+
+        self._input = bytearray()
+        self._discarding = False  # inside an over-long command line
+        self._helo_name: str | None = None
+        self._esmtp = False
+        self._transaction: Transaction | None = None
+        self._message: _MessageInProgress | None = None
+        self._tls_started = False
+        self._waiting = False  # a reply is pending: hold the input
+        self._processing = False
+        self._closing = False
+
+    # --- connection events -------------------------------------------
+
+    def callLater(self, period: float, func: Callable[[], object]) -> Any:
+        # TimeoutMixin's hook: the injected reactor, so tests own the clock.
+        return self.settings.reactor.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client_address = str(getattr(peer, "host", "") or UNKNOWN_HOST)
+        # RFC 2034: no enhanced status code in the greeting.
+        self.transport.write(b"220 " + self.greeting() + b"\r\n")
+        self.setTimeout(self.idle_timeout)
+
+    def greeting(self) -> bytes:
+        return self.settings.config.hostname.encode("ascii") + b" ESMTP"
+
+    def timeoutConnection(self) -> None:
+        hostname = self.settings.config.hostname
+        self._reply(Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded"))
+        self._closing = True
+        self.transport.loseConnection()
+
+    def handshakeCompleted(self) -> None:
+        connection = self.transport.getHandle()
+        self.tls = TLSFacts(
+            protocol=connection.get_protocol_version_name(),
+            cipher=connection.get_cipher_name(),
+            bits=connection.get_cipher_bits(),
+        )
+        log_event(
+            "info",
+            f"TLS connection established from {self._client()}: {self.tls}",
+            "tls_established",
+            client=self._client(),
+        )
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closing = True
+        if self._message is not None:
+            # The client gave up mid-DATA: nothing is spooled, and it is
+            # theirs to send again, so this is no error of ours.
+            self._message.writer.abort()
+            self._message = None
+            log_event(
+                "info",
+                f"lost connection after DATA from {self._client()}",
+                "lost_connection",
+                client=self._client(),
+            )
+        super().connectionLost(reason)
+
+    # --- input -------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.resetTimeout()
+        self._input += data
+        self._process()
+
+    def _process(self) -> None:
+        """Handle buffered input until it runs out or a reply must wait."""
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while self._input and not (self._waiting or self._closing):
+                if self._message is not None:
+                    self._message_received()
+                    continue
+                line = self._take_line()
+                if line is None:
+                    break
+                self._line_received(*line)
+        finally:
+            self._processing = False
+
+    def _take_line(self) -> tuple[bytes, bool] | None:
+        """The next command line without its CRLF, and whether it was too
+        long; None until a CRLF arrives.  A bare CR or LF never ends a line.
+        An over-long line is dropped as it comes, so it costs no memory."""
+        end = self._input.find(b"\r\n")
+        if end < 0:
+            if self._discarding or len(self._input) >= MAX_COMMAND_LINE:
+                self._discarding = True
+                # A final CR may be the first half of the CRLF.
+                keep = 1 if self._input.endswith(b"\r") else 0
+                del self._input[: len(self._input) - keep]
+            return None
+        line = bytes(self._input[:end])
+        del self._input[: end + 2]
+        too_long = self._discarding or end + 2 > MAX_COMMAND_LINE
+        self._discarding = False
+        return line, too_long
+
+    def _line_received(self, line: bytes, too_long: bool) -> None:
+        if too_long:
+            self._reply(LINE_TOO_LONG)
+            return
+        if b"\r" in line or b"\n" in line:
+            self._reply(BARE_NEWLINE_IN_COMMAND)
+            return
+        words = line.decode("utf-8", "replace").strip().split(None, 1)
+        if not words:
+            self._reply(BAD_SYNTAX)
+            return
+        verb = words[0].upper()
+        argument = words[1] if len(words) > 1 else ""
+        handler = getattr(self, f"smtp_{verb}", None) if verb.isalpha() else None
+        if handler is None:
+            self._reply(UNKNOWN_COMMAND)
+            return
+        handler(argument)
+
+    def _message_received(self) -> None:
+        message = self._message
+        assert message is not None
+        data = bytes(self._input)
+        self._input.clear()
+        stored, rest = message.decoder.feed(data)
+        if stored:
+            self._store(message, stored)
+        if rest is not None:
+            self._input += rest
+            self._message = None
+            self._end_of_data(message)
+
+    def _store(self, message: _MessageInProgress, data: bytes) -> None:
+        try:
+            message.writer.write(data)
+        except OSError as error:
+            message.decoder.fail(_write_error_reply(error))
+            self._log_write_error(message.writer.queue_id, error)
+
+    # --- replies -----------------------------------------------------
+
+    def _reply(self, reply: Reply) -> None:
+        # Replies are ASCII (RFC 5321 4.2); "replace" keeps a stray
+        # character from becoming an exception in the reactor.
+        line = reply_text(reply).encode("ascii", "replace")
+        self.transport.write(line + b"\r\n")
+
+    def _answer(self, command: str, reply: Reply) -> None:
+        """Reply to a transaction command; a refusal is logged."""
+        self._reply(reply)
+        if reply.code >= 400:
+            host, address = UNKNOWN_HOST, self.client_address
+            log_reject(command, host, address, reply_text(reply))
+
+    def _client(self) -> str:
+        return f"{UNKNOWN_HOST}[{self.client_address}]"
+
+    # --- commands ----------------------------------------------------
+
+    def smtp_EHLO(self, argument: str) -> None:
+        if not argument:
+            self._reply(Reply(501, "", "Syntax: EHLO hostname"))
+            return
+        self._greeted(argument, esmtp=True)
+        # RFC 2034: no enhanced status codes in the reply to EHLO.
+        *lines, last = self._ehlo_lines()
+        text = "".join(f"250-{line}\r\n" for line in lines) + f"250 {last}\r\n"
+        self.transport.write(text.encode("ascii"))
+
+    def smtp_HELO(self, argument: str) -> None:
+        if not argument:
+            self._reply(Reply(501, "", "Syntax: HELO hostname"))
+            return
+        self._greeted(argument, esmtp=False)
+        self._reply(Reply(250, "", self.settings.config.hostname))
+
+    def _greeted(self, helo: str, esmtp: bool) -> None:
+        # RFC 5321 4.1.4: a new EHLO or HELO also resets the transaction.
+        self._helo_name = helo
+        self._esmtp = esmtp
+        self._transaction = None
+
+    def _ehlo_lines(self) -> list[str]:
+        limits = self.settings.config.limits
+        lines = [
+            self.settings.config.hostname,
+            "PIPELINING",
+            f"SIZE {limits.message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self._can_start_tls():
+            lines.append("STARTTLS")
+        return lines
+
+    def _can_start_tls(self) -> bool:
+        return (
+            not self._tls_started
+            and self.settings.tls_creator is not None
+            and ITLSTransport.providedBy(self.transport)
+        )
+
+    def smtp_STARTTLS(self, argument: str) -> None:
+        if argument:
+            reply = syntax("STARTTLS")
+        elif self._tls_started:
+            reply = TLS_ACTIVE
+        elif not self._can_start_tls():
+            reply = TLS_UNAVAILABLE
+        elif self._transaction is not None:
+            reply = IN_TRANSACTION
+        else:
+            self._start_tls()
+            return
+        self._answer("STARTTLS", reply)
+
+    def _start_tls(self) -> None:
+        self._reply(START_TLS)
+        # Whatever came after STARTTLS in the same read was sent in the
+        # clear and must not run inside TLS (CVE-2011-0411); and RFC 3207
+        # 4.2: forget all we were told before, HELO included.
+        self._input.clear()
+        self._discarding = False
+        self._helo_name = None
+        self._esmtp = False
+        self._transaction = None
+        self._tls_started = True
+        self.transport.startTLS(self.settings.tls_creator)
+
+    def smtp_MAIL(self, argument: str) -> None:
+        self._answer("MAIL", self._mail(argument))
+
+    def _mail(self, argument: str) -> Reply:
+        if self._helo_name is None:
+            return NEED_HELO
+        if self.settings.listener.require_tls and not self._tls_started:
+            return MUST_STARTTLS
+        if self._transaction is not None:
+            return NESTED_MAIL
+        request = parse_mail(argument, self.settings.config.limits)
+        if isinstance(request, Reply):
+            return request
+        self._transaction = Transaction(
+            sender="" if request.sender is None else str(request.sender),
+            arrival=self.settings.reactor.seconds(),
+            body=request.body,
+        )
+        return OK_SENDER
+
+    def smtp_RCPT(self, argument: str) -> None:
+        self._answer("RCPT", self._rcpt(argument))
+
+    def _rcpt(self, argument: str) -> Reply:
+        transaction = self._transaction
+        if transaction is None:
+            return NEED_MAIL
+        recipient = parse_rcpt(argument)
+        if isinstance(recipient, Reply):
+            return recipient
+        address = str(recipient)
+        if transaction.has_recipient(address):
+            return OK_RECIPIENT  # once in the envelope is enough
+        settings = self.settings
+        refusal = recipient_limit(
+            settings.config.limits, len(transaction.recipients)
+        ) or recipient_verdict(
+            settings.config, settings.listener, self.client_address, address
+        )
+        if refusal is not None:
+            return refusal
+        self._transaction = replace(
+            transaction, recipients=(*transaction.recipients, address)
+        )
+        return OK_RECIPIENT
+
+    def smtp_DATA(self, argument: str) -> None:
+        transaction = self._transaction
+        if argument:
+            refusal: Reply | None = syntax("DATA")
+        elif transaction is None:
+            refusal = NEED_MAIL
+        elif not transaction.recipients:
+            refusal = NEED_RECIPIENTS
+        else:
+            refusal = self._open_message(transaction)
+        if refusal is not None:
+            self._answer("DATA", refusal)
+            return
+        self._reply(START_DATA)
+
+    def _open_message(self, transaction: Transaction) -> Reply | None:
+        """Start the spool file with our Received header; None when the
+        body may come."""
+        try:
+            writer = self.settings.spool.new_message()
+        except OSError as error:
+            self._log_write_error("(new)", error)
+            return _write_error_reply(error)
+        header = received_header(
+            helo=self._helo_name or "",
+            client_host=UNKNOWN_HOST,
+            client_address=self.client_address,
+            hostname=self.settings.config.hostname,
+            queue_id=writer.queue_id,
+            esmtp=self._esmtp,
+            tls=self.tls,
+            recipients=transaction.recipients,
+            when=self.settings.reactor.seconds(),
+        )
+        decoder = DataDecoder(self.settings.config.limits.message_size)
+        message = _MessageInProgress(transaction, writer, decoder)
+        self._store(message, header)
+        if decoder.failure is not None:
+            writer.abort()
+            return decoder.failure
+        # RFC 5321 4.1.1.4: the transaction ends with DATA, whatever its
+        # outcome; the message carries it from here on.
+        self._transaction = None
+        self._message = message
+        return None
+
+    def smtp_RSET(self, argument: str) -> None:
+        if argument:
+            self._reply(syntax("RSET"))
+            return
+        self._transaction = None
+        self._reply(OK)
+
+    def smtp_NOOP(self, argument: str) -> None:
+        self._reply(OK)
+
+    def smtp_VRFY(self, argument: str) -> None:
+        self._reply(CANNOT_VRFY)
+
+    def smtp_HELP(self, argument: str) -> None:
+        self._reply(HELP)
+
+    def smtp_QUIT(self, argument: str) -> None:
+        self._reply(BYE)
+        self._closing = True
+        self.transport.loseConnection()
+
+    # --- the end of a message ------------------------------------------
+
+    def _end_of_data(self, message: _MessageInProgress) -> None:
+        failure = message.decoder.failure
+        if failure is not None:
+            message.writer.abort()
+            self._answer("END-OF-MESSAGE", failure)
+            return
+
+        envelope = self._envelope(message)
+        # SPEC 6: 250 only once the message is on disk.  Until the commit
+        # is done, no later command may be answered (RFC 2920 3.1: replies
+        # in order), and its time is ours, not the client's idle time.
+        self._waiting = True
+        self.setTimeout(None)
+        self.transport.pauseProducing()
+        committed = self.settings.commit(message.writer, envelope)
+        committed.addCallbacks(
+            self._queued,
+            self._not_queued,
+            callbackArgs=(envelope,),
+            errbackArgs=(message.writer,),
+        )
+        committed.addErrback(self._unexpected)
+        committed.addBoth(self._resume)
+
+    def _envelope(self, message: _MessageInProgress) -> Envelope:
+        transaction = message.transaction
+        client = Client(
+            helo=self._helo_name or "",
+            host=UNKNOWN_HOST,
+            address=self.client_address,
+            listener=self.settings.listener.name,
+            tls=self.tls,
+        )
+        return Envelope(
+            queue_id=message.writer.queue_id,
+            sender=transaction.sender,
+            arrival=transaction.arrival,
+            size=message.writer.size,
+            client=client,
+            recipients=tuple(Recipient(address) for address in transaction.recipients),
+            body=transaction.body,
+        )
+
+    def _queued(self, _: None, envelope: Envelope) -> None:
+        self._reply(Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}"))
+        log_accepted(envelope)
+        # The message is safe on disk and the client has its 250: a fault
+        # in whoever is told next must not undo either.
+        try:
+            self.settings.on_queued(envelope)
+        except Exception:
+            _log.failure("on_queued failed for {queue_id}", queue_id=envelope.queue_id)
+
+    def _not_queued(self, failure: Failure, writer: MessageWriter) -> None:
+        writer.abort()
+        error = failure.value
+        if not isinstance(error, OSError):
+            _log.failure(
+                "commit of {queue_id} failed", failure, queue_id=writer.queue_id
+            )
+            error = OSError(str(error))
+        # Logged as an error, with the reply: no second, "reject" line.
+        self._log_write_error(writer.queue_id, error)
+        self._reply(_write_error_reply(error))
+
+    def _unexpected(self, failure: Failure) -> None:
+        _log.failure("after the end of DATA", failure)
+
+    def _resume(self, _: object) -> None:
+        self._waiting = False
+        if self._closing:
+            return
+        self.transport.resumeProducing()
+        self.setTimeout(self.idle_timeout)
+        self._process()
+
+    def _log_write_error(self, queue_id: str, error: OSError) -> None:
+        reply = _write_error_reply(error)
+        log_event(
+            "error",
+            f"{queue_id}: cannot write the queue file for {self._client()}: "
+            f"{error}; answered {reply_text(reply)}, the client will retry",
+            "spool_error",
+            queue_id=queue_id,
+        )
+
+
+def _write_error_reply(error: OSError) -> Reply:
+    return NO_STORAGE if error.errno == errno.ENOSPC else QUEUE_WRITE_ERROR
+
+
+# --- the factory ---------------------------------------------------------------
+
+
+class RelayServerFactory(ServerFactory):
+    """Builds a `RelayServer` per connection for the listener named
+    ``listener_name``.  The configuration and the TLS creator are fetched
+    anew for every connection, so a reload applies to the next one.
+
+    ``commit`` runs `MessageWriter.commit` (blocking: fsync) in the
+    reactor's thread pool; tests may replace it.
+    """
+
+    # Twisted's own "Starting factory" lines say nothing an operator needs.
+    noisy = False
+
+    def __init__(
+        self,
+        listener_name: str,
+        get_config: Callable[[], Config],
+        spool: Spool,
+        get_tls_creator: Callable[[], ServerCreator],
+        on_queued: Callable[[Envelope], None],
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.listener_name = listener_name
+        self.get_config = get_config
+        self.spool = spool
+        self.get_tls_creator = get_tls_creator
+        self.on_queued = on_queued
+        self.reactor = reactor
+        self.commit: CommitMessage = self._commit_in_thread
+
+    def _commit_in_thread(
+        self, writer: MessageWriter, envelope: Envelope
+    ) -> Deferred[None]:
+        pool = self.reactor.getThreadPool()
+        return deferToThreadPool(self.reactor, pool, writer.commit, envelope)
+
+    def buildProtocol(self, addr: Any) -> RelayServer | None:
+        config = self.get_config()
+        listener = find_listener(config, self.listener_name)
+        if listener is None:
+            log_event(
+                "warn",
+                f"listener {self.listener_name}: no longer in {config.path}; "
+                f"connection from {getattr(addr, 'host', addr)} closed",
+                "listener_missing",
+            )
+            return None
+        protocol = RelayServer(
+            Settings(
+                config=config,
+                listener=listener,
+                spool=self.spool,
+                tls_creator=self._tls_creator(),
+                on_queued=self.on_queued,
+                commit=self.commit,
+                reactor=self.reactor,
+            )
+        )
+        protocol.factory = self
+        return protocol
+
+    def _tls_creator(self) -> ServerCreator | None:
+        try:
+            return self.get_tls_creator()
+        except Exception as error:
+            log_event(
+                "warn",
+                f"listener {self.listener_name}: no TLS context ({error}); "
+                "STARTTLS is not offered on this connection",
+                "tls_unavailable",
+            )
+            return None
+
+
+def find_listener(config: Config, name: str) -> Listener | None:
+    for listener in config.listeners:
+        if listener.name == name:
+            return listener
+    return None

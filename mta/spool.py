@@ -1,0 +1,238 @@
+"""The spool on disk: the only thing the listeners, the queue runner and
+the CLI share.
+
+Layout under the spool folder:
+
+- ``tmp/``: files being written; never read by anyone else.
+- ``queue/ID.msg``: the message bytes as they will go out (with our
+  Received header), written once and never changed.
+- ``queue/ID.env``: the envelope as JSON.  Its presence is what makes a
+  message exist: it is renamed into place only after ``ID.msg``.
+- ``corrupt/``: spool files that could not be read, moved aside.
+
+Durability (SPEC.md section 6): each file is written under a temporary name,
+fsync'd, renamed into place, and the folder fsync'd, before anyone is told
+the message is queued.  An envelope update is a whole new file renamed over
+the old one, so a reader never sees half an envelope, and a crash leaves
+either the old or the new one.
+
+Locking: a process that acts on a message (delivering it, or the CLI
+changing it) holds an exclusive `flock` on ``ID.msg``.  That file is never
+replaced, so the lock is stable across envelope rewrites.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from mta.envelope import Envelope, from_json, to_json
+
+
+class SpoolError(Exception):
+    pass
+
+
+class Locked(SpoolError):
+    """Another process holds the message (it is being delivered)."""
+
+
+def new_queue_id() -> str:
+    """Sortable by arrival, unique across processes: microseconds then
+    random bits, in upper-case hex like Postfix's short ids."""
+    return f"{time.time_ns() // 1000:013X}{secrets.token_hex(2).upper()}"
+
+
+def _fsync_folder(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp = self.root / "tmp"
+        self.queue = self.root / "queue"
+        self.corrupt = self.root / "corrupt"
+
+    def create(self) -> None:
+        for folder in (self.root, self.tmp, self.queue, self.corrupt):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # --- writing a new message -----------------------------------------
+
+    def new_message(self) -> MessageWriter:
+        queue_id = new_queue_id()
+        path = self.tmp / f"{queue_id}.msg"
+        stream = open(path, "xb")
+        return MessageWriter(self, queue_id, path, stream)
+
+    # --- reading and updating ------------------------------------------
+
+    def message_path(self, queue_id: str) -> Path:
+        return self.queue / f"{queue_id}.msg"
+
+    def envelope_path(self, queue_id: str) -> Path:
+        return self.queue / f"{queue_id}.env"
+
+    def queue_ids(self) -> list[str]:
+        """Every committed message, oldest first."""
+        try:
+            names = os.listdir(self.queue)
+        except FileNotFoundError:
+            return []
+        return sorted(name[:-4] for name in names if name.endswith(".env"))
+
+    def load(self, queue_id: str) -> Envelope:
+        """The envelope; `FileNotFoundError` when the message is gone,
+        `SpoolError` when the file cannot be read as an envelope."""
+        data = self.envelope_path(queue_id).read_bytes()
+        try:
+            return from_json(data)
+        except ValueError as error:
+            raise SpoolError(f"{queue_id}: {error}") from None
+
+    def envelopes(self) -> Iterator[Envelope]:
+        for queue_id in self.queue_ids():
+            try:
+                yield self.load(queue_id)
+            except (FileNotFoundError, SpoolError):
+                continue
+
+    def save(self, envelope: Envelope) -> None:
+        """Replace the envelope durably (temporary file, fsync, rename,
+        folder fsync)."""
+        queue_id = envelope.queue_id
+        temporary = self.tmp / f"{queue_id}.env.{secrets.token_hex(4)}"
+        _write_durably(temporary, to_json(envelope))
+        os.replace(temporary, self.envelope_path(queue_id))
+        _fsync_folder(self.queue)
+
+    def remove(self, queue_id: str) -> None:
+        # Envelope first: without it the message no longer exists, and a
+        # crash in between leaves only an orphan .msg for `clean_orphans`.
+        for path in (self.envelope_path(queue_id), self.message_path(queue_id)):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        _fsync_folder(self.queue)
+
+    def quarantine(self, queue_id: str) -> None:
+        for path in (self.envelope_path(queue_id), self.message_path(queue_id)):
+            try:
+                os.replace(path, self.corrupt / path.name)
+            except FileNotFoundError:
+                pass
+        _fsync_folder(self.queue)
+
+    def clean_orphans(self, older_than: float = 3600.0) -> list[str]:
+        """Remove what a crash left half-written: temporary files, and
+        message files without an envelope.  Only old ones, since another
+        process may be committing right now."""
+        removed = []
+        limit = time.time() - older_than
+        envelopes = set(self.queue_ids())
+        candidates = list(self.tmp.iterdir()) + [
+            path for path in self.queue.glob("*.msg")
+            if path.name[:-4] not in envelopes
+        ]
+        for path in candidates:
+            try:
+                if path.stat().st_mtime < limit:
+                    path.unlink()
+                    removed.append(path.name)
+            except FileNotFoundError:
+                continue
+        return removed
+
+    # --- locking -------------------------------------------------------
+
+    def lock(self, queue_id: str, wait: bool = False) -> MessageLock:
+        """Take the message's lock, or raise `Locked` (when ``wait`` is
+        false and another process holds it) or `FileNotFoundError`."""
+        descriptor = os.open(self.message_path(queue_id), os.O_RDONLY)
+        flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(descriptor, flags)
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise Locked(f"{queue_id} is being delivered") from None
+            raise
+        # It may have been removed while we waited for the lock.
+        if not self.envelope_path(queue_id).exists():
+            os.close(descriptor)
+            raise FileNotFoundError(queue_id)
+        return MessageLock(descriptor)
+
+
+@dataclass
+class MessageLock:
+    descriptor: int
+
+    def release(self) -> None:
+        if self.descriptor >= 0:
+            os.close(self.descriptor)
+            self.descriptor = -1
+
+    def __enter__(self) -> MessageLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class MessageWriter:
+    """A message being received: bytes go to ``tmp/`` as they arrive, so
+    memory stays flat whatever the size; `commit` makes it durable."""
+
+    def __init__(
+        self, spool: Spool, queue_id: str, path: Path, stream: BinaryIO
+    ) -> None:
+        self.spool = spool
+        self.queue_id = queue_id
+        self.path = path
+        self.stream = stream
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.stream.write(data)
+        self.size += len(data)
+
+    def commit(self, envelope: Envelope) -> None:
+        """Blocking (fsync): run it off the reactor thread.  When it returns,
+        the message and its envelope survive a crash."""
+        spool = self.spool
+        self.stream.flush()
+        os.fsync(self.stream.fileno())
+        self.stream.close()
+        os.replace(self.path, spool.message_path(self.queue_id))
+
+        temporary = spool.tmp / f"{self.queue_id}.env"
+        _write_durably(temporary, to_json(envelope))
+        os.replace(temporary, spool.envelope_path(self.queue_id))
+        _fsync_folder(spool.queue)
+
+    def abort(self) -> None:
+        self.stream.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass

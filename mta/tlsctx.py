@@ -1,0 +1,260 @@
+"""pyOpenSSL contexts for both directions, built from `TLSConfig`.
+
+Both sides share the floor (TLS 1.2 or the configured minimum) and the exact,
+ordered cipher lists.  The server side picks in our order (server
+preference); the client side offers in our order and sends SNI.  A Context
+cannot change once a Connection used it, so a new configuration gets new
+contexts.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from OpenSSL import SSL, crypto
+from zope.interface import implementer
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+
+from mta.config import TLSConfig
+
+_VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
+
+# Options every context gets: no compression (CRIME), no renegotiation,
+# and a fresh ECDHE key per handshake.
+_OPTIONS = (
+    SSL.OP_NO_COMPRESSION
+    | SSL.OP_NO_RENEGOTIATION
+    | SSL.OP_SINGLE_ECDH_USE
+)
+
+
+def _base_context(tls: TLSConfig) -> SSL.Context:
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(_VERSIONS[tls.min_version])
+    context.set_options(_OPTIONS)
+    context.set_cipher_list(":".join(tls.ciphers).encode("ascii"))
+    context.set_tls13_ciphersuites(":".join(tls.ciphersuites).encode("ascii"))
+    return context
+
+
+def server_context(tls: TLSConfig) -> SSL.Context:
+    context = _base_context(tls)
+    context.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
+    context.use_certificate_chain_file(str(tls.certificate))
+    context.use_privatekey_file(str(tls.private_key))
+    context.check_privatekey()
+    # A client certificate is neither asked for nor checked on SMTP.
+    context.set_verify(SSL.VERIFY_NONE)
+    context.set_session_id(b"mta")
+    return context
+
+
+def client_context(tls: TLSConfig) -> SSL.Context:
+    """A context that completes the handshake whatever the certificate, and
+    lets `ClientTLSFacts` record the chain verdict: the policy decides what a
+    bad chain means, not OpenSSL."""
+    context = _base_context(tls)
+    if tls.trust is None:
+        context.set_default_verify_paths()
+    else:
+        context.load_verify_locations(str(tls.trust))
+    # Each connection gets a verify callback bound to its own facts (see
+    # `ClientCreator`); this one only stands in until then.
+    context.set_verify(SSL.VERIFY_PEER, lambda *args: True)
+    return context
+
+
+# The X509_V_ERR numbers a delivery meets in practice, in OpenSSL's words.
+VERIFY_ERRORS = {
+    2: "unable to get issuer certificate",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in certificate chain",
+    20: "unable to get local issuer certificate",
+    21: "unable to verify the first certificate",
+    26: "unsupported certificate purpose",
+}
+
+
+class ClientTLSFacts:
+    """The chain verdict of one client handshake, from the verify callback."""
+
+    def __init__(self) -> None:
+        self.verify_error: int | None = None
+        self.verify_reason: str | None = None
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+@dataclass
+class ClientCreator:
+    """Client connections from one context, with SNI for ``server_name``."""
+
+    context: SSL.Context
+    server_name: str | None
+    facts: ClientTLSFacts = field(default_factory=ClientTLSFacts)
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self.context, None)
+        # Twisted sets the app data to its protocol after we return, so the
+        # verify callback is bound to our facts instead of reading them there.
+        connection.set_verify(SSL.VERIFY_PEER, self._record_verify_error)
+        connection.set_app_data(tlsProtocol)
+        if self.server_name:
+            connection.set_tlsext_host_name(self.server_name.encode("idna"))
+        connection.set_connect_state()
+        return connection
+
+    def _record_verify_error(
+        self, connection: SSL.Connection, cert: Any, errno: int, depth: int,
+        ok: int,
+    ) -> bool:
+        # Chain errors arrive here as numbers (10 expired, 18 self-signed, 20
+        # unknown issuer).  Keep the first one for the log; the handshake
+        # goes on and the policy decides what the error means.
+        if not ok and self.facts.verify_error is None:
+            self.facts.verify_error = errno
+            self.facts.verify_reason = VERIFY_ERRORS.get(
+                errno, f"verify error {errno}"
+            )
+        return True
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+@dataclass
+class ServerCreator:
+    context: SSL.Context
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self.context, None)
+        connection.set_app_data(tlsProtocol)
+        return connection
+
+
+def check_tls_config(tls: TLSConfig) -> list[str]:
+    """Problems that keep ``tls`` from working: unreadable or mismatched
+    certificate and key, an unreadable trust bundle, and cipher names this
+    OpenSSL would silently drop (`set_cipher_list` keeps the names it knows
+    when one is valid)."""
+    problems = _check_files(tls)
+    if not problems:
+        problems.extend(_check_key_pair(tls))
+    problems.extend(_check_trust(tls))
+    problems.extend(_check_ciphers(tls))
+    return problems
+
+
+def _check_files(tls: TLSConfig) -> list[str]:
+    problems = []
+    for key, path in (("certificate", tls.certificate),
+                      ("private_key", tls.private_key)):
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            problems.append(f"tls.{key}: cannot read {path}: {error.strerror}")
+            continue
+        try:
+            if key == "certificate":
+                crypto.load_certificate(crypto.FILETYPE_PEM, data)
+            else:
+                crypto.load_privatekey(crypto.FILETYPE_PEM, data)
+        except crypto.Error:
+            problems.append(f"tls.{key}: {path} holds no PEM "
+                            f"{'certificate' if key == 'certificate' else 'key'}")
+    return problems
+
+
+def _check_key_pair(tls: TLSConfig) -> list[str]:
+    # A bare context: the cipher lists are checked on their own, so that a
+    # bad list is never reported as a key that does not match.
+    context = SSL.Context(SSL.TLS_METHOD)
+    try:
+        context.use_certificate_chain_file(str(tls.certificate))
+    except SSL.Error as error:
+        return [f"tls.certificate: {tls.certificate} cannot be used "
+                f"({_ssl_reason(error)})"]
+    try:
+        context.use_privatekey_file(str(tls.private_key))
+        context.check_privatekey()
+    except SSL.Error as error:
+        return [f"tls.private_key: {tls.private_key} does not match "
+                f"tls.certificate {tls.certificate} ({_ssl_reason(error)})"]
+    return []
+
+
+def _check_trust(tls: TLSConfig) -> list[str]:
+    if tls.trust is None:
+        return []
+    try:
+        SSL.Context(SSL.TLS_METHOD).load_verify_locations(str(tls.trust))
+    except SSL.Error as error:
+        return [f"tls.trust: {tls.trust} holds no usable CA certificates "
+                f"({_ssl_reason(error)})"]
+    return []
+
+
+def _kept_names(ciphers: str | None, ciphersuites: str | None) -> list[str]:
+    """The names OpenSSL keeps from a list, in its order; [] when it keeps
+    none (`set_cipher_list` then raises "no cipher match")."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    try:
+        if ciphers is not None:
+            context.set_cipher_list(ciphers.encode("ascii"))
+        if ciphersuites is not None:
+            context.set_tls13_ciphersuites(ciphersuites.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError):
+        return []
+    return SSL.Connection(context).get_cipher_list()
+
+
+def _check_ciphers(tls: TLSConfig) -> list[str]:
+    # Each list is tried on its own: the TLS 1.2 list with no TLS 1.3
+    # suites, and the TLS 1.3 list minus OpenSSL's default TLS 1.2 list, so
+    # a name is only found in the list it was written in.
+    default_tls12 = _kept_names(None, "")
+    kept = {
+        "ciphers": _kept_names(":".join(tls.ciphers), ""),
+        "ciphersuites": [
+            name
+            for name in _kept_names(None, ":".join(tls.ciphersuites))
+            if name not in default_tls12
+        ],
+    }
+    problems = []
+    for key, names in (("ciphers", tls.ciphers),
+                       ("ciphersuites", tls.ciphersuites)):
+        dropped = [name for name in names if name not in kept[key]]
+        if dropped:
+            problems.append(
+                f"tls.{key}: not supported by this OpenSSL "
+                f"({SSL.SSLeay_version(SSL.SSLEAY_VERSION).decode()}): "
+                + ", ".join(dropped)
+            )
+    if not problems:
+        offered = SSL.Connection(_base_context(tls)).get_cipher_list()
+        expected = [*tls.ciphersuites, *tls.ciphers]
+        if offered != expected:
+            problems.append(
+                "tls.ciphers: OpenSSL would offer "
+                + ":".join(offered) + " instead of the configured "
+                + ":".join(expected)
+            )
+    return problems
+
+
+def _ssl_reason(error: SSL.Error) -> str:
+    try:
+        return str(error.args[0][0][2])
+    except (IndexError, TypeError):
+        return str(error)
+
+
+def certificate_expiry(path: Path) -> datetime.datetime:
+    cert = crypto.load_certificate(crypto.FILETYPE_PEM, path.read_bytes())
+    return cert.to_cryptography().not_valid_after_utc

@@ -1,0 +1,1 @@
+"""Real peers on loopback for integration tests: DNS, SMTP, Postfix."""

@@ -1,0 +1,835 @@
+"""The configuration file: what it parses to, and how each mistake is told.
+
+Every error must name the file, the key and the bad value, so the tables
+below assert on the text an operator reads.  Certificates are real (trustme),
+files are real (tmp_path); the TLS checks run against the OpenSSL that
+pyOpenSSL uses.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import yaml
+from OpenSSL import SSL
+
+from mta.config import (
+    DEFAULT_CIPHERS,
+    DEFAULT_CIPHERSUITES,
+    ConfigError,
+    HostPort,
+    load_config,
+    parse_duration,
+    parse_hostport,
+    parse_size,
+)
+from mta.selfsigned import write_self_signed
+from mta.tlsctx import check_tls_config
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+# --- fixtures: a minimal valid file, with a real certificate ---------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def leaf(ca: trustme.CA) -> trustme.LeafCert:
+    return ca.issue_cert("relay.example.net")
+
+
+@pytest.fixture(scope="module")
+def other_leaf(ca: trustme.CA) -> trustme.LeafCert:
+    return ca.issue_cert("other.example.net")
+
+
+def base_config() -> dict[str, Any]:
+    """The smallest file that loads; every test changes one thing in it."""
+    return {
+        "hostname": "relay.example.net",
+        "spool": "spool",
+        "tls": {"certificate": "tls/relay.crt", "private_key": "tls/relay.key"},
+        "listeners": [
+            {"name": "mx", "address": "127.0.0.1", "port": 2525,
+             "role": "inbound"},
+        ],
+        "domains": {"example.com": {"relay_to": ["mail.example.com:25"]}},
+        "policies": [
+            {"name": "partner", "direction": "outbound",
+             "recipient_domain": "partner.example", "tls": "enforce-secure"},
+        ],
+    }
+
+
+@pytest.fixture
+def folder(tmp_path: Path, leaf: trustme.LeafCert) -> Path:
+    """A configuration folder holding tls/relay.crt and tls/relay.key."""
+    (tmp_path / "tls").mkdir()
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "tls/relay.crt"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "tls/relay.key"))
+    return tmp_path
+
+
+def write(folder: Path, data: Any, name: str = "mta.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def changed(where: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    """`base_config()` with the item at ``where`` set to ``value``."""
+    data = base_config()
+    target: Any = data
+    for step in where[:-1]:
+        target = target[step]
+    target[where[-1]] = copy.deepcopy(value)
+    return data
+
+
+def problems_of(path: Path, check_tls: bool = True) -> tuple[str, ...]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, check_tls=check_tls)
+    assert str(caught.value) == "\n".join(caught.value.problems)
+    assert caught.value.problems, "a ConfigError must say what is wrong"
+    return caught.value.problems
+
+
+def assert_reported(problems: tuple[str, ...], path: Path, *parts: str) -> None:
+    """One problem line names the file and holds every one of ``parts``."""
+    prefix = f"{path.resolve()}: "
+    for problem in problems:
+        if problem.startswith(prefix) and all(part in problem for part in parts):
+            return
+    pytest.fail(f"no problem with {parts!r} in:\n" + "\n".join(problems))
+
+
+# --- value parsers ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("30s", 30.0),
+        ("10m", 600.0),
+        ("4h", 14400.0),
+        ("5d", 432000.0),
+        ("1w", 604800.0),
+        ("250ms", 0.25),
+        ("1.5m", 90.0),
+        ("0s", 0.0),
+        ("45", 45.0),
+        (90, 90.0),
+        (2.5, 2.5),
+    ],
+)
+def test_parse_duration_reads_units(text: Any, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "text", ["10x", "", "m", "-5s", "5 days", True, None, "1h30m"]
+)
+def test_parse_duration_refuses_what_is_not_a_duration(text: Any) -> None:
+    with pytest.raises(ValueError, match="expected a duration"):
+        parse_duration(text)
+
+
+def test_parse_duration_refuses_a_negative_number() -> None:
+    with pytest.raises(ValueError, match="cannot be negative"):
+        parse_duration(-1)
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("50MB", 50 * 1024**2),
+        ("50mb", 50 * 1024**2),
+        ("10240", 10240),
+        (10240, 10240),
+        ("1k", 1024),
+        ("2KiB", 2048),
+        ("1G", 1024**3),
+        ("7b", 7),
+        ("3 M", 3 * 1024**2),
+    ],
+)
+def test_parse_size_reads_powers_of_1024(text: Any, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("0", "above zero"),
+        (0, "above zero"),
+        ("1.5MB", "expected a size"),
+        ("50TB", "expected a size"),
+        ("MB", "expected a size"),
+        (True, "expected a size"),
+        ("-1", "expected a size"),
+    ],
+)
+def test_parse_size_refuses_bad_sizes(text: Any, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("mail.example.com", HostPort("mail.example.com", 25, False)),
+        ("mail.example.com:2525", HostPort("mail.example.com", 2525, False)),
+        ("Mail.Example.COM.:26", HostPort("mail.example.com", 26, False)),
+        ("[mail.example.com]", HostPort("mail.example.com", 25, True)),
+        ("[mail.example.com]:587", HostPort("mail.example.com", 587, True)),
+        # An address literal is always "this host": bracketed or not.
+        ("192.0.2.7", HostPort("192.0.2.7", 25, True)),
+        ("192.0.2.7:2525", HostPort("192.0.2.7", 2525, True)),
+        ("[2001:DB8::1]:25", HostPort("2001:db8::1", 25, True)),
+        ("[::1]", HostPort("::1", 25, True)),
+        (" relay.example.net ", HostPort("relay.example.net", 25, False)),
+    ],
+)
+def test_parse_hostport_reads_every_form(text: str, expected: HostPort) -> None:
+    assert parse_hostport(text) == expected
+
+
+def test_parse_hostport_uses_the_default_port_given() -> None:
+    assert parse_hostport("192.0.2.53", default_port=53).port == 53
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("", "expected host"),
+        (25, "expected host"),
+        ("::1", "must be written in brackets"),
+        ("2001:db8::1:25", "must be written in brackets"),
+        ("[mail.example.com", "without its"),
+        ("[mail.example.com]25", "expected ':port'"),
+        ("mail.example.com:smtp", "is not a number"),
+        ("mail.example.com:", "is not a number"),
+        ("mail.example.com:0", "port number"),
+        ("mail.example.com:65536", "port number"),
+        ("bad_host!:25", "host name"),
+        ("[not a host]:25", "host name"),
+    ],
+)
+def test_parse_hostport_refuses_bad_forms(text: Any, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        parse_hostport(text)
+
+
+def test_hostport_prints_brackets_only_when_bracketed() -> None:
+    assert str(HostPort("mx.example.com", 25, False)) == "mx.example.com:25"
+    assert str(HostPort("192.0.2.7", 2525, True)) == "[192.0.2.7]:2525"
+
+
+# --- a whole file ----------------------------------------------------------
+
+
+SPEC_EXAMPLE = """\
+hostname: Relay.Example.NET
+spool: ../spool
+tls:
+  certificate: tls/relay.crt
+  private_key: tls/relay.key
+  min_version: TLSv1.3
+  ciphers: [ECDHE-ECDSA-AES128-GCM-SHA256, ECDHE-RSA-AES128-GCM-SHA256]
+  ciphersuites: [TLS_AES_256_GCM_SHA384, TLS_AES_128_GCM_SHA256]
+  trust: system
+listeners:
+  - {name: mx, address: 0.0.0.0, port: 25, role: inbound}
+  - {name: submission, address: "::", port: 587, role: outbound,
+     require_tls: true, networks: [192.0.2.0/24, "2001:db8::/32"]}
+limits: {message_size: 10MB, recipients: 50, idle_timeout: 2m}
+domains:
+  Example.COM:
+    relay_to: ["mail.example.com:25", "[192.0.2.20]:2526"]
+    recipients: [CEO@example.com, postmaster@example.com]
+routes:
+  partner.example: "[192.0.2.7]:2525"
+  .hosted.example: "gw.hosted.example"
+  "*": "[smarthost.example.net]:587"
+dns: {nameservers: ["127.0.0.1:10053", "[::1]"]}
+delivery:
+  retry_schedule: [1m, 5m, 15m]
+  max_lifetime: 2d
+  opportunistic_fallback: defer
+  plaintext_fallback_delay: 0s
+  timeouts: {connect: 10s, command: 1m, data: 3m}
+  port: 2500
+  concurrency: 4
+defaults: {outbound: enforce-tls, inbound: none}
+policies:
+  - {name: partner, direction: outbound, recipient_domain: partner.example,
+     tls: enforce-secure, match: [MX.Provider.example]}
+  - {direction: inbound, recipient: CEO@Example.com, tls: enforce-tls}
+"""
+
+
+def test_every_concept_of_the_spec_example_is_parsed(folder: Path) -> None:
+    """The file of SPEC.md section 4 becomes frozen, typed, normalised
+    values: lower-case names, seconds, bytes, resolved paths."""
+    path = folder / "etc" / "mta.yaml"
+    path.parent.mkdir()
+    shutil.move(folder / "tls", folder / "etc" / "tls")
+    path.write_text(SPEC_EXAMPLE)
+
+    config = load_config(path)
+
+    assert config.path == path.resolve()
+    assert config.hostname == "relay.example.net"
+    assert config.spool == (folder / "spool").resolve()
+    assert config.tls.certificate == (folder / "etc/tls/relay.crt").resolve()
+    assert config.tls.min_version == "TLSv1.3"
+    assert config.tls.ciphers == (
+        "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256"
+    )
+    assert config.tls.ciphersuites == (
+        "TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"
+    )
+    assert config.tls.trust is None
+
+    mx, submission = config.listeners
+    assert (mx.name, mx.address, mx.port, mx.role) == ("mx", "0.0.0.0", 25,
+                                                       "inbound")
+    assert not mx.require_tls and mx.networks == ()
+    assert submission.require_tls and submission.role == "outbound"
+    assert submission.allows_client("192.0.2.99")
+    assert submission.allows_client("2001:db8::5")
+    assert not submission.allows_client("198.51.100.1")
+    assert not submission.allows_client("not an address")
+
+    assert config.limits.message_size == 10 * 1024**2
+    assert config.limits.recipients == 50
+    assert config.limits.idle_timeout == 120.0
+
+    domain = config.domains["example.com"]
+    assert domain.relay_to == (
+        HostPort("mail.example.com", 25, False),
+        HostPort("192.0.2.20", 2526, True),
+    )
+    assert domain.recipients == {"ceo@example.com", "postmaster@example.com"}
+    assert config.is_local_domain("EXAMPLE.com.")
+    assert not config.is_local_domain("sub.example.com")
+
+    assert dict(config.routes) == {
+        "partner.example": HostPort("192.0.2.7", 2525, True),
+        ".hosted.example": HostPort("gw.hosted.example", 25, False),
+        "*": HostPort("smarthost.example.net", 587, True),
+    }
+    assert config.nameservers == (("127.0.0.1", 10053), ("::1", 53))
+
+    delivery = config.delivery
+    assert delivery.retry_schedule == (60.0, 300.0, 900.0)
+    assert delivery.max_lifetime == 2 * 86400
+    assert delivery.opportunistic_fallback == "defer"
+    assert delivery.plaintext_fallback_delay == 0.0
+    assert (delivery.timeouts.connect, delivery.timeouts.command,
+            delivery.timeouts.data) == (10.0, 60.0, 180.0)
+    assert (delivery.port, delivery.concurrency) == (2500, 4)
+
+    assert dict(config.defaults) == {"outbound": "enforce-tls",
+                                     "inbound": "none"}
+    partner, ceo = config.policies
+    assert (partner.name, partner.direction, partner.level) == (
+        "partner", "outbound", "enforce-secure")
+    assert partner.recipient_domain == "partner.example"
+    assert partner.match == ("mx.provider.example",)
+    assert ceo.name == "rule2" and ceo.recipient == "ceo@example.com"
+    assert ceo.match is None
+
+
+def test_defaults_fill_what_the_file_leaves_out(folder: Path) -> None:
+    """Cipher lists, delivery settings and policy defaults have the
+    documented defaults when the file says nothing."""
+    config = load_config(write(folder, base_config()))
+
+    assert config.tls.min_version == "TLSv1.2"
+    assert config.tls.ciphers == DEFAULT_CIPHERS
+    assert config.tls.ciphersuites == DEFAULT_CIPHERSUITES
+    assert config.delivery.retry_schedule == (60.0, 300.0, 900.0, 3600.0,
+                                              14400.0)
+    assert config.delivery.max_lifetime == 5 * 86400
+    assert config.delivery.opportunistic_fallback == "plaintext"
+    assert config.delivery.plaintext_fallback_delay == 600.0
+    assert config.delivery.port == 25
+    assert config.limits.message_size == 50 * 1024**2
+    assert config.nameservers is None
+    assert dict(config.defaults) == {"inbound": "opportunistic",
+                                     "outbound": "opportunistic"}
+
+
+def test_the_default_cipher_lists_are_the_spec_lists() -> None:
+    """SPEC.md section 1, in its order: ECDSA twin before each ECDHE-RSA."""
+    assert DEFAULT_CIPHERSUITES == (
+        "TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256",
+        "TLS_AES_256_GCM_SHA384",
+    )
+    assert DEFAULT_CIPHERS == (
+        "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+        "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-AES128-SHA256", "ECDHE-RSA-AES128-SHA256",
+        "ECDHE-ECDSA-AES256-SHA384", "ECDHE-RSA-AES256-SHA384",
+        "AES128-GCM-SHA256", "AES256-GCM-SHA384", "AES128-SHA256",
+        "AES256-SHA256",
+    )
+
+
+def test_relative_paths_are_relative_to_the_file_not_the_cwd(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """spool, certificate, key, trust bundle and recipient file are all
+    resolved against the configuration file's folder."""
+    etc = folder / "etc"
+    etc.mkdir()
+    shutil.move(folder / "tls", etc / "tls")
+    shutil.copy(etc / "tls/relay.crt", etc / "tls/ca.pem")
+    (etc / "users.txt").write_text("# valid addresses\nAlice@example.com\n\n")
+    data = base_config()
+    data["spool"] = "../spool"
+    data["tls"]["trust"] = "tls/ca.pem"
+    data["domains"]["example.com"]["recipients"] = "users.txt"
+    write(etc, data)
+    elsewhere = folder / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    config = load_config("../etc/mta.yaml")
+
+    assert config.spool == (folder / "spool").resolve()
+    assert config.tls.certificate == (etc / "tls/relay.crt").resolve()
+    assert config.tls.private_key == (etc / "tls/relay.key").resolve()
+    assert config.tls.trust == (etc / "tls/ca.pem").resolve()
+    assert config.domains["example.com"].recipients == {"alice@example.com"}
+
+
+def test_absolute_paths_are_kept(folder: Path) -> None:
+    data = base_config()
+    data["spool"] = str(folder / "var" / "spool")
+    config = load_config(write(folder / "tls", data, "nested.yaml"),
+                         check_tls=False)
+    assert config.spool == folder / "var" / "spool"
+
+
+def test_the_repository_default_file_loads(tmp_path: Path) -> None:
+    """etc/mta.yaml, with a self-signed pair written beside a copy of it
+    (never into the repository's own etc/), passes every check."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    shutil.copy(REPOSITORY / "etc" / "mta.yaml", etc / "mta.yaml")
+    write_self_signed("relay.localhost", etc / "tls/relay.crt",
+                      etc / "tls/relay.key")
+
+    config = load_config(etc / "mta.yaml")
+
+    assert config.hostname == "relay.localhost"
+    assert config.spool == (tmp_path / "spool").resolve()
+    assert config.tls.ciphers == DEFAULT_CIPHERS
+    assert config.tls.ciphersuites == DEFAULT_CIPHERSUITES
+    assert [listener.address for listener in config.listeners] == [
+        "127.0.0.1", "127.0.0.1"]
+    assert all(listener.port > 1024 for listener in config.listeners)
+    assert config.is_local_domain("example.com")
+    assert config.policies == ()
+
+
+# --- mistakes: each names the file, the key and the bad value ---------------
+
+
+BAD_VALUES = [
+    # (where, value, what the problem line must hold)
+    # unknown keys, at every level
+    (("colour",), "blue", ["colour: unknown key"]),
+    (("tls", "colour"), "blue", ["tls.colour: unknown key"]),
+    (("listeners", 0, "colour"), "blue", ["listeners[0].colour: unknown key"]),
+    (("limits",), {"colour": 1}, ["limits.colour: unknown key"]),
+    (("domains", "example.com", "colour"), 1,
+     ["domains.example.com.colour: unknown key"]),
+    (("dns",), {"servers": ["127.0.0.1"]}, ["dns.servers: unknown key"]),
+    (("delivery",), {"retries": 3}, ["delivery.retries: unknown key"]),
+    (("delivery",), {"timeouts": {"idle": "1m"}},
+     ["delivery.timeouts.idle: unknown key"]),
+    (("defaults",), {"sideways": "none"}, ["defaults.sideways: unknown key"]),
+    (("policies", 0, "colour"), "blue", ["policies[0].colour: unknown key"]),
+    # durations
+    (("delivery",), {"max_lifetime": "5 days"},
+     ["delivery.max_lifetime: expected a duration", "(got '5 days')"]),
+    (("delivery",), {"retry_schedule": ["1m", "soon"]},
+     ["delivery.retry_schedule[1]: expected a duration", "(got 'soon')"]),
+    (("delivery",), {"retry_schedule": []},
+     ["delivery.retry_schedule: ", "(got [])"]),
+    (("delivery",), {"plaintext_fallback_delay": -5},
+     ["delivery.plaintext_fallback_delay: a duration cannot be negative",
+      "(got -5)"]),
+    (("delivery",), {"timeouts": {"connect": "fast"}},
+     ["delivery.timeouts.connect: expected a duration", "(got 'fast')"]),
+    (("limits",), {"idle_timeout": "forever"},
+     ["limits.idle_timeout: expected a duration", "(got 'forever')"]),
+    (("limits",), {"idle_timeout": "0s"},
+     ["limits.idle_timeout: a timeout must be above zero", "(got '0s')"]),
+    (("delivery",), {"timeouts": {"data": 0}},
+     ["delivery.timeouts.data: a timeout must be above zero", "(got 0)"]),
+    # sizes and counts
+    (("limits",), {"message_size": "50TB"},
+     ["limits.message_size: expected a size", "(got '50TB')"]),
+    (("limits",), {"message_size": 0},
+     ["limits.message_size: a size must be above zero", "(got 0)"]),
+    (("limits",), {"recipients": 0},
+     ["limits.recipients: expected a whole number above zero", "(got 0)"]),
+    (("delivery",), {"concurrency": "lots"},
+     ["delivery.concurrency: expected a whole number", "(got 'lots')"]),
+    # addresses, networks and host names
+    (("listeners", 0, "address"), "localhost",
+     ["listeners[0].address: expected an IPv4 or IPv6 address",
+      "(got 'localhost')"]),
+    (("listeners", 0, "address"), "300.1.1.1",
+     ["listeners[0].address: expected an IPv4", "(got '300.1.1.1')"]),
+    (("listeners", 0, "networks"), ["10.0.0.0/8", "10.0.0.0/33"],
+     ["listeners[0].networks[1]: expected a network", "(got '10.0.0.0/33')"]),
+    (("hostname",), "not a host!",
+     ["hostname: expected a host name", "(got 'not a host!')"]),
+    (("domains",), {"bad domain!": {"relay_to": ["mx.example.com"]}},
+     ["domains.bad domain!: expected a host name", "(got 'bad domain!')"]),
+    (("domains", "example.com", "relay_to"), ["mail.example.com:99999"],
+     ["domains.example.com.relay_to[0]: expected a port number",
+      "(got 'mail.example.com:99999')"]),
+    (("domains", "example.com"), {"recipients": None},
+     ["domains.example.com.relay_to: is required"]),
+    (("routes",), {"partner.example": "[192.0.2.7"},
+     ["routes.partner.example: a '[' without its ']'", "(got '[192.0.2.7')"]),
+    (("routes",), {"bad_domain!": "[192.0.2.7]"},
+     ["routes.bad_domain!: expected a host name", "(got 'bad_domain!')"]),
+    (("dns",), {"nameservers": ["ns.example.net"]},
+     ["dns.nameservers[0]: a name server must be an IP address",
+      "(got 'ns.example.net')"]),
+    # ports
+    (("listeners", 0, "port"), 0,
+     ["listeners[0].port: expected a port number from 1 to 65535", "(got 0)"]),
+    (("listeners", 0, "port"), 70000,
+     ["listeners[0].port: expected a port number", "(got 70000)"]),
+    (("listeners", 0, "port"), "25",
+     ["listeners[0].port: expected a port number", "(got '25')"]),
+    (("listeners", 0, "port"), True,
+     ["listeners[0].port: expected a port number", "(got True)"]),
+    (("delivery",), {"port": 0}, ["delivery.port: expected a port", "(got 0)"]),
+    # levels, roles, choices
+    (("defaults",), {"outbound": "secure"},
+     ["defaults.outbound: expected one of none, opportunistic, enforce-tls, "
+      "enforce-secure", "(got 'secure')"]),
+    (("policies", 0, "tls"), "enforce",
+     ["policies[0].tls: expected one of", "(got 'enforce')"]),
+    (("listeners", 0, "role"), "submission",
+     ["listeners[0].role: expected one of inbound, outbound",
+      "(got 'submission')"]),
+    (("policies", 0, "direction"), "sideways",
+     ["policies[0].direction: expected one of inbound, outbound",
+      "(got 'sideways')"]),
+    (("delivery",), {"opportunistic_fallback": "retry"},
+     ["delivery.opportunistic_fallback: expected one of plaintext, defer",
+      "(got 'retry')"]),
+    (("listeners", 0, "require_tls"), "yes",
+     ["listeners[0].require_tls: expected true or false", "(got 'yes')"]),
+    # the TLS floor
+    (("tls", "min_version"), "TLSv1",
+     ["tls.min_version: TLS 1.2 is the floor", "(got 'TLSv1')"]),
+    (("tls", "min_version"), "TLSv1.1",
+     ["tls.min_version: TLS 1.2 is the floor", "(got 'TLSv1.1')"]),
+    (("tls", "min_version"), "SSLv3",
+     ["tls.min_version: TLS 1.2 is the floor", "(got 'SSLv3')"]),
+    (("tls", "min_version"), 1.2,
+     ["tls.min_version: expected TLSv1.2 or TLSv1.3", "(got 1.2)"]),
+    (("tls", "ciphers"), [],
+     ["tls.ciphers: expected a non-empty list", "(got [])"]),
+    (("tls", "trust"), "missing-ca.pem",
+     ["tls.trust: no such file", "missing-ca.pem"]),
+    # required things
+    (("listeners",), [], ["listeners: expected a non-empty list", "(got [])"]),
+    (("listeners", 0), {"name": "mx", "port": 25, "role": "inbound"},
+     ["listeners[0].address: is required"]),
+    (("listeners",), [{}], ["listeners[0].address: is required"]),
+    (("listeners",), ["mx"], ["listeners[0]: expected a mapping", "(got 'mx')"]),
+    (("tls",), {"certificate": "tls/relay.crt"},
+     ["tls.private_key: is required"]),
+    (("tls",), "tls/relay.crt", ["tls: expected a mapping"]),
+    # policy rules
+    (("policies", 0), {"direction": "outbound", "tls": "none"},
+     ["policies[0]: needs exactly one of recipient_domain or recipient"]),
+    (("policies",), [{}], ["policies[0].direction: is required"]),
+    (("policies", 0, "recipient"), "ceo@partner.example",
+     ["policies[0]: needs exactly one"]),
+    (("policies", 0),
+     {"direction": "outbound", "recipient": "ceo@partner.example",
+      "tls": "none"},
+     ["policies[0].recipient: outbound rules match recipient_domain only",
+      "(got 'ceo@partner.example')"]),
+    (("policies", 0),
+     {"direction": "inbound", "recipient": "example.com", "tls": "none"},
+     ["policies[0].recipient: expected an address", "(got 'example.com')"]),
+    (("policies", 0, "match"), ["mx.provider.example", "not a name"],
+     ["policies[0].match[1]: expected a host name", "(got 'not a name')"]),
+    (("policies", 0, "match"), [],
+     ["policies[0].match: expected at least one host name", "(got [])"]),
+]
+
+
+@pytest.mark.parametrize(
+    "where, value, parts",
+    BAD_VALUES,
+    ids=[".".join(map(str, row[0])) + "=" + repr(row[1]) for row in BAD_VALUES],
+)
+def test_a_bad_value_is_reported_with_file_key_and_value(
+    folder: Path, where: tuple[Any, ...], value: Any, parts: list[str]
+) -> None:
+    path = write(folder, changed(where, value))
+    assert_reported(problems_of(path), path, *parts)
+
+
+@pytest.mark.parametrize("key", ["spool", "tls", "listeners"])
+def test_a_missing_required_section_is_reported(folder: Path, key: str) -> None:
+    data = base_config()
+    del data[key]
+    path = write(folder, data)
+    assert_reported(problems_of(path), path, f"{key}: ")
+
+
+def test_a_second_listener_with_the_same_name_is_refused(folder: Path) -> None:
+    data = base_config()
+    data["listeners"].append(dict(data["listeners"][0], port=2526))
+    path = write(folder, data)
+    assert_reported(problems_of(path), path,
+                    "listeners[1].name: is used by another listener",
+                    "(got 'mx')")
+
+
+def test_every_problem_is_reported_not_just_the_first(folder: Path) -> None:
+    data = changed(("listeners", 0, "port"), 0)
+    data["delivery"] = {"max_lifetime": "ages"}
+    path = write(folder, data)
+
+    problems = problems_of(path)
+
+    assert len(problems) == 2
+    assert_reported(problems, path, "listeners[0].port")
+    assert_reported(problems, path, "delivery.max_lifetime", "(got 'ages')")
+
+
+@pytest.mark.parametrize(
+    "text, parts",
+    [
+        ("hostname: [unclosed\n", ["not valid YAML", "line 1"]),
+        ("hostname: a\n  spool: b\n", ["not valid YAML"]),
+        ("- a list\n- of things\n", ["(top level): expected a mapping",
+                                     "(got ['a list', 'of things'])"]),
+        ("just words\n", ["(top level): expected a mapping"]),
+        ("", ["(top level)", "empty"]),
+        ("# only a comment\n", ["(top level)", "empty"]),
+    ],
+    ids=["unclosed", "indentation", "list", "scalar", "empty", "comment"],
+)
+def test_a_file_that_is_not_a_mapping_is_refused(
+    tmp_path: Path, text: str, parts: list[str]
+) -> None:
+    path = tmp_path / "mta.yaml"
+    path.write_text(text)
+    problems = problems_of(path)
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{path}: ")
+    for part in parts:
+        assert part in problems[0]
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.yaml"
+    problems = problems_of(path)
+    assert problems == (f"{path}: cannot read: No such file or directory",)
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "mta.yaml"
+    path.write_bytes(b"hostname: caf\xe9\n")
+    assert problems_of(path) == (f"{path}: is not UTF-8 text",)
+
+
+def test_an_unreadable_recipient_file_is_named(folder: Path) -> None:
+    path = write(folder, changed(("domains", "example.com", "recipients"),
+                                 "users.txt"))
+    assert_reported(problems_of(path), path,
+                    "domains.example.com.recipients: cannot read",
+                    str(folder / "users.txt"))
+
+
+# --- TLS: files, key pair and cipher names, through load_config ------------
+
+
+def _supports_suite(name: str) -> bool:
+    context = SSL.Context(SSL.TLS_METHOD)
+    try:
+        context.set_tls13_ciphersuites(name.encode())
+    except SSL.Error:
+        return False
+    return name in SSL.Connection(context).get_cipher_list()
+
+
+def break_files(folder: Path, how: str, other: trustme.LeafCert) -> None:
+    tls = folder / "tls"
+    if how == "certificate missing":
+        (tls / "relay.crt").unlink()
+    elif how == "key missing":
+        (tls / "relay.key").unlink()
+    elif how == "certificate is a folder":
+        (tls / "relay.crt").unlink()
+        (tls / "relay.crt").mkdir()
+    elif how == "certificate not PEM":
+        (tls / "relay.crt").write_text("not a certificate\n")
+    elif how == "key not PEM":
+        (tls / "relay.key").write_text("not a key\n")
+    elif how == "certificate given as key":
+        shutil.copy(tls / "relay.crt", tls / "relay.key")
+    elif how == "key of another certificate":
+        other.private_key_pem.write_to_path(str(tls / "relay.key"))
+    elif how == "trust bundle not PEM":
+        (tls / "ca.pem").write_text("not a bundle\n")
+
+
+BAD_FILES = [
+    ("certificate missing",
+     ["tls.certificate: cannot read", "tls/relay.crt: No such file"]),
+    ("key missing", ["tls.private_key: cannot read", "tls/relay.key"]),
+    ("certificate is a folder",
+     ["tls.certificate: cannot read", "tls/relay.crt: Is a directory"]),
+    ("certificate not PEM",
+     ["tls.certificate: ", "tls/relay.crt holds no PEM certificate"]),
+    ("key not PEM", ["tls.private_key: ", "tls/relay.key holds no PEM key"]),
+    ("certificate given as key",
+     ["tls.private_key: ", "tls/relay.key holds no PEM key"]),
+    ("key of another certificate",
+     ["tls.private_key: ", "tls/relay.key does not match", "tls/relay.crt"]),
+    ("trust bundle not PEM", ["tls.trust: ", "tls/ca.pem"]),
+]
+
+
+@pytest.mark.parametrize("how, parts", BAD_FILES,
+                         ids=[row[0] for row in BAD_FILES])
+def test_a_bad_certificate_or_key_file_is_reported(
+    folder: Path, other_leaf: trustme.LeafCert, how: str, parts: list[str]
+) -> None:
+    break_files(folder, how, other_leaf)
+    data = base_config()
+    if how.startswith("trust"):
+        data["tls"]["trust"] = "tls/ca.pem"
+    path = write(folder, data)
+
+    problems = problems_of(path)
+
+    assert len(problems) == 1
+    assert_reported(problems, path, *parts)
+
+
+def test_file_problems_wait_for_check_tls(folder: Path) -> None:
+    """check_tls=False (used by tools that only read the spool) does not
+    open the certificate."""
+    (folder / "tls/relay.crt").unlink()
+    config = load_config(write(folder, base_config()), check_tls=False)
+    assert config.tls.certificate == folder / "tls/relay.crt"
+
+
+BAD_CIPHERS = [
+    # (key, configured names, names the problem must quote)
+    ("ciphers", ["RC4-MD5", "AES128-GCM-SHA256"], ["RC4-MD5"]),
+    ("ciphers", ["DES-CBC3-SHA", "AES128-GCM-SHA256", "BOGUS"],
+     ["DES-CBC3-SHA", "BOGUS"]),
+    ("ciphers", ["BOGUS"], ["BOGUS"]),
+    ("ciphers", ["AES128-GCM-SHA256", "HIGH"], ["HIGH"]),
+    # A TLS 1.3 name in the TLS 1.2 list would be ignored by OpenSSL.
+    ("ciphers", ["AES128-GCM-SHA256", "TLS_AES_128_GCM_SHA256"],
+     ["TLS_AES_128_GCM_SHA256"]),
+    ("ciphersuites", ["BOGUS_SUITE"], ["BOGUS_SUITE"]),
+    ("ciphersuites", ["TLS_AES_128_GCM_SHA256", "TLS_FAKE_SHA256"],
+     ["TLS_FAKE_SHA256"]),
+    ("ciphersuites", ["TLS_AES_128_GCM_SHA256", "AES128-SHA256"],
+     ["AES128-SHA256"]),
+]
+
+
+@pytest.mark.parametrize(
+    "key, names, dropped", BAD_CIPHERS,
+    ids=[f"{row[0]}={':'.join(row[1])}" for row in BAD_CIPHERS],
+)
+def test_a_cipher_name_openssl_drops_is_reported(
+    folder: Path, key: str, names: list[str], dropped: list[str]
+) -> None:
+    """Only the cipher problem is reported: a cipher list OpenSSL refuses
+    outright must not be mistaken for a key that does not match."""
+    path = write(folder, changed(("tls", key), names))
+
+    problems = problems_of(path)
+
+    assert len(problems) == 1, problems
+    assert_reported(problems, path, f"tls.{key}: not supported by this OpenSSL",
+                    *dropped)
+    # Exactly the dropped names are listed, in the order written.
+    assert problems[0].rsplit("): ", 1)[1].split(", ") == dropped
+
+
+def test_a_repeated_cipher_name_is_reported(folder: Path) -> None:
+    """OpenSSL keeps one of two equal names: the list would not be the one
+    configured."""
+    path = write(folder, changed(("tls", "ciphers"),
+                                 ["AES128-GCM-SHA256", "AES128-GCM-SHA256"]))
+    assert_reported(problems_of(path), path, "tls.ciphers: ",
+                    "AES128-GCM-SHA256")
+
+
+def test_ccm8_suite_is_accepted_exactly_when_openssl_supports_it(
+    folder: Path,
+) -> None:
+    name = "TLS_AES_128_CCM_8_SHA256"
+    path = write(folder, changed(("tls", "ciphersuites"), [name]))
+    if _supports_suite(name):
+        assert load_config(path).tls.ciphersuites == (name,)
+    else:
+        assert_reported(problems_of(path), path, "tls.ciphersuites: ", name)
+
+
+def test_cipher_lists_in_any_valid_order_are_kept_as_written(
+    folder: Path,
+) -> None:
+    ciphers = ["AES256-SHA256", "ECDHE-RSA-AES128-GCM-SHA256"]
+    suites = ["TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_256_GCM_SHA384"]
+    data = changed(("tls", "ciphers"), ciphers)
+    data["tls"]["ciphersuites"] = suites
+    config = load_config(write(folder, data))
+    assert config.tls.ciphers == tuple(ciphers)
+    assert config.tls.ciphersuites == tuple(suites)
+
+
+def test_check_tls_config_passes_a_good_pair(folder: Path) -> None:
+    config = load_config(write(folder, base_config()), check_tls=False)
+    assert check_tls_config(config.tls) == []
+
+
+def test_check_tls_config_reports_both_cipher_lists_at_once(
+    folder: Path,
+) -> None:
+    data = changed(("tls", "ciphers"), ["BOGUS"])
+    data["tls"]["ciphersuites"] = ["BOGUS_SUITE"]
+    config = load_config(write(folder, data), check_tls=False)
+
+    problems = check_tls_config(config.tls)
+
+    assert len(problems) == 2
+    assert problems[0].startswith("tls.ciphers: ") and "BOGUS" in problems[0]
+    assert problems[1].startswith("tls.ciphersuites: ")
+    assert "BOGUS_SUITE" in problems[1]

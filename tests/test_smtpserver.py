@@ -1,0 +1,943 @@
+"""The SMTP listener: in memory with `StringTransport` and a fake clock for
+the state machine, then on loopback with real TLS and Python's smtplib.
+
+Each in-memory test talks to one `RelayServer` over a `Session`, whose
+``send`` returns the reply lines the server wrote for that input.  The
+spool is real (in ``tmp_path``); the commit runs at once unless a test holds
+it with a `Deferred` of its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import smtplib
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task, threads
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mta.config import DEFAULT_CIPHERS, Config, load_config
+from mta.envelope import Envelope, TLSFacts
+from mta.received import received_header
+from mta.smtpserver import DataDecoder, RelayServer, RelayServerFactory
+from mta.spool import MessageWriter, Spool
+from mta.tlsctx import ServerCreator, server_context
+from tests.peers import certs
+
+HOSTNAME = "relay.test"
+LIMIT = 2 * 1024 * 1024  # limits.message_size in these tests
+
+CONFIG = """
+hostname: relay.test
+spool: spool
+tls: {{certificate: {certificate}, private_key: {key}}}
+listeners:
+  - {{name: mx, address: 127.0.0.1, port: 2525, role: inbound}}
+  - {{name: submission, address: 127.0.0.1, port: 2587, role: outbound,
+     require_tls: true, networks: [192.0.2.0/24]}}
+  - {{name: internal, address: 127.0.0.1, port: 2588, role: outbound,
+     networks: [192.0.2.0/24, 127.0.0.0/8]}}
+limits: {{message_size: {limit}, recipients: 3, idle_timeout: 60s}}
+domains:
+  example.com: {{relay_to: ["mail.example.com"]}}
+"""
+
+
+def write_config(folder: Path, files: certs.CertFiles | None = None) -> Config:
+    path = folder / "mta.yaml"
+    path.write_text(
+        CONFIG.format(
+            certificate=files.chain if files else "none.crt",
+            key=files.key if files else "none.key",
+            limit=LIMIT,
+        )
+    )
+    return load_config(path, check_tls=files is not None)
+
+
+# --- in memory -------------------------------------------------------------
+
+
+class FakeHandle:
+    """What `getHandle()` gives after a TLS handshake."""
+
+    def get_protocol_version_name(self) -> str:
+        return "TLSv1.3"
+
+    def get_cipher_name(self) -> str:
+        return "TLS_AES_128_GCM_SHA256"
+
+    def get_cipher_bits(self) -> int:
+        return 128
+
+
+@implementer(ITLSTransport)
+class TLSStringTransport(StringTransport):
+    """A `StringTransport` that records `startTLS` instead of doing it."""
+
+    def __init__(self, peer: str) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", peer, 40000))
+        self.tls_creator: object = None
+
+    def startTLS(self, contextFactory: object, normal: bool = True) -> None:
+        self.tls_creator = contextFactory
+
+    def getHandle(self) -> FakeHandle:
+        return FakeHandle()
+
+
+def commit_at_once(writer: MessageWriter, envelope: Envelope) -> defer.Deferred[None]:
+    return defer.maybeDeferred(writer.commit, envelope)
+
+
+class Server:
+    """A factory over a real spool, a fake clock and a fake TLS creator."""
+
+    def __init__(self, folder: Path) -> None:
+        self.config = write_config(folder)
+        self.spool = Spool(folder / "spool")
+        self.spool.create()
+        self.clock = task.Clock()
+        self.queued: list[Envelope] = []
+        self.creator = object()
+        self.factory = RelayServerFactory(
+            "mx",
+            lambda: self.config,
+            self.spool,
+            lambda: self.creator,  # type: ignore[arg-type,return-value]
+            self.queued.append,
+            reactor=self.clock,
+        )
+        self.factory.commit = commit_at_once
+
+    def connect(self, listener: str = "mx", peer: str = "192.0.2.1") -> Session:
+        self.factory.listener_name = listener
+        return Session(self.factory, peer)
+
+    def message(self, queue_id: str) -> bytes:
+        return self.spool.message_path(queue_id).read_bytes()
+
+    def is_empty(self) -> bool:
+        """Nothing queued, nothing half-written."""
+        return not any(self.spool.queue.iterdir()) and not any(self.spool.tmp.iterdir())
+
+
+class Session:
+    def __init__(self, factory: RelayServerFactory, peer: str) -> None:
+        self.transport = TLSStringTransport(peer)
+        protocol = factory.buildProtocol(self.transport.getPeer())
+        assert isinstance(protocol, RelayServer)
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+        self.greeting = self.take()
+
+    def take(self) -> list[str]:
+        lines = self.transport.value().decode("ascii").split("\r\n")
+        self.transport.clear()
+        assert lines[-1] == ""
+        return lines[:-1]
+
+    def send(self, data: bytes | str) -> list[str]:
+        if isinstance(data, str):
+            data = data.encode("ascii")
+        self.protocol.dataReceived(data)
+        return self.take()
+
+    def hello(self) -> None:
+        assert self.send("EHLO client.example\r\n")[-1].startswith("250 ")
+
+    def start_transaction(self, *recipients: str) -> None:
+        self.hello()
+        commands = "MAIL FROM:<sender@client.example>\r\n" + "".join(
+            f"RCPT TO:<{rcpt}>\r\n" for rcpt in recipients or ["a@example.com"]
+        )
+        for reply in self.send(commands):
+            assert reply.startswith("250 "), reply
+
+    def start_data(self, *recipients: str) -> None:
+        self.start_transaction(*recipients)
+        assert self.send("DATA\r\n") == ["354 End data with <CR><LF>.<CR><LF>"]
+
+
+def codes(lines: list[str]) -> list[str]:
+    """The final line of each reply, as "CODE X.Y.Z" (or "CODE")."""
+    return [" ".join(line.split()[:2]) for line in lines if line[3] == " "]
+
+
+def queued_id(line: str) -> str:
+    assert line.startswith("250 2.0.0 Ok: queued as "), line
+    return line.rsplit(" ", 1)[1]
+
+
+def body_of(message: bytes) -> bytes:
+    """The message without our Received header (its first 4 or 5 lines)."""
+    assert message.startswith(b"Received: from ")
+    header_end = message.index(b"\r\n", message.index(b"; ")) + 2
+    return message[header_end:]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Server:
+    return Server(tmp_path)
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    captured: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(captured.append)
+    yield captured
+    globalLogPublisher.removeObserver(captured.append)
+
+
+def lines_of(events: list[dict[str, Any]]) -> list[str]:
+    return [event["mta_line"] for event in events if "mta_line" in event]
+
+
+class TestGreetingAndEhlo:
+    def test_greeting(self, server: Server) -> None:
+        assert server.connect().greeting == ["220 relay.test ESMTP"]
+
+    def test_ehlo_lists_exactly_our_extensions(self, server: Server) -> None:
+        assert server.connect().send("EHLO client.example\r\n") == [
+            "250-relay.test",
+            "250-PIPELINING",
+            f"250-SIZE {LIMIT}",
+            "250-8BITMIME",
+            "250-ENHANCEDSTATUSCODES",
+            "250 STARTTLS",
+        ]
+
+    def test_no_starttls_without_a_tls_creator(self, server: Server) -> None:
+        def broken() -> ServerCreator:
+            raise OSError("no certificate")
+
+        server.factory.get_tls_creator = broken
+        session = server.connect()
+        assert "250 ENHANCEDSTATUSCODES" in session.send("EHLO c.example\r\n")
+        assert session.send("STARTTLS\r\n") == [
+            "454 4.7.0 TLS not available due to local problem"
+        ]
+
+    def test_helo(self, server: Server) -> None:
+        assert server.connect().send("HELO client.example\r\n") == ["250 relay.test"]
+
+    def test_ehlo_needs_a_name(self, server: Server) -> None:
+        assert server.connect().send("EHLO\r\n") == ["501 Syntax: EHLO hostname"]
+
+    def test_mail_needs_helo(self, server: Server) -> None:
+        session = server.connect()
+        assert session.send("MAIL FROM:<a@b.example>\r\n") == [
+            "503 5.5.1 Error: send HELO/EHLO first"
+        ]
+
+
+class TestCommands:
+    @pytest.mark.parametrize(
+        ("command", "expected"),
+        [
+            ("NOOP", "250 2.0.0 Ok"),
+            ("noop whatever", "250 2.0.0 Ok"),
+            ("RSET", "250 2.0.0 Ok"),
+            ("RSET x", "501 5.5.4 Syntax: RSET"),
+            ("VRFY postmaster", "252 2.5.0"),
+            ("HELP", "214 2.0.0"),
+            ("EXPN staff", "502 5.5.2 Error: command not recognized"),
+            ("AUTH PLAIN", "502 5.5.2 Error: command not recognized"),
+            ("MAIL-FROM:<a@b>", "502 5.5.2 Error: command not recognized"),
+            ("", "500 5.5.2 Error: bad syntax"),
+            ("RCPT TO:<a@example.com>", "503 5.5.1 Error: need MAIL command"),
+            ("DATA", "503 5.5.1 Error: need MAIL command"),
+            ("STARTTLS now", "501 5.5.4 Syntax: STARTTLS"),
+        ],
+    )
+    def test_reply(self, server: Server, command: str, expected: str) -> None:
+        session = server.connect()
+        session.hello()
+        (reply,) = session.send(command + "\r\n")
+        assert reply.startswith(expected)
+
+    def test_eight_bit_commands(self, server: Server) -> None:
+        session = server.connect()
+        session.hello()
+        replies = session.send(
+            b"\xc3\xa9T\xff\r\n"
+            b"MAIL FROM:<a@b.example> X\xc3\xa9=1\r\n"
+            b"MAIL FROM:<\xc3\xa9@b.example>\r\n"
+        )
+        assert codes(replies) == ["502 5.5.2", "555 5.5.4", "501 5.1.7"]
+
+    def test_quit(self, server: Server) -> None:
+        session = server.connect()
+        assert session.send("QUIT\r\nNOOP\r\n") == ["221 2.0.0 Bye"]
+        assert session.transport.disconnecting
+
+    def test_line_too_long_then_the_session_goes_on(self, server: Server) -> None:
+        session = server.connect()
+        longest = "NOOP " + "x" * (2048 - 7) + "\r\n"
+        assert session.send(longest) == ["250 2.0.0 Ok"]
+        assert session.send("NOOP " + "x" * 2043 + "\r\nNOOP\r\n") == [
+            "500 5.5.2 Error: line too long",
+            "250 2.0.0 Ok",
+        ]
+
+    def test_line_too_long_across_reads_is_not_kept(self, server: Server) -> None:
+        session = server.connect()
+        assert session.send("MAIL FROM:<" + "a" * 5000) == []
+        for _ in range(10):
+            assert session.send("b" * 5000) == []
+        assert len(session.protocol._input) <= 1
+        # The CRLF split over two reads still ends the line.
+        assert session.send("c\r") == []
+        assert session.send("\nNOOP\r\n") == [
+            "500 5.5.2 Error: line too long",
+            "250 2.0.0 Ok",
+        ]
+
+    @pytest.mark.parametrize("bad", [b"NOOP\nNOOP\r\n", b"NOOP\rNOOP\r\n"])
+    def test_bare_newline_in_a_command(self, server: Server, bad: bytes) -> None:
+        session = server.connect()
+        # Neither a bare LF nor a bare CR ends the line: one line, one error.
+        assert session.send(bad[:5]) == []
+        assert codes(session.send(bad[5:])) == ["500 5.5.2"]
+
+    def test_idle_timeout(self, server: Server) -> None:
+        session = server.connect()
+        server.clock.advance(59)
+        session.send("NOOP\r\n")
+        server.clock.advance(59)
+        assert session.take() == []
+        server.clock.advance(1)
+        assert session.take() == ["421 4.4.2 relay.test Error: timeout exceeded"]
+        assert session.transport.disconnecting
+
+
+class TestTransaction:
+    def test_relay_refusal_is_answered_and_logged(
+        self, server: Server, events: list[dict[str, Any]]
+    ) -> None:
+        session = server.connect()
+        session.hello()
+        session.send("MAIL FROM:<s@client.example>\r\n")
+        reply = session.send("RCPT TO:<x@other.example>\r\n")
+        text = (
+            "550 5.7.1 <x@other.example>: Recipient address rejected: "
+            "not a domain we accept mail for"
+        )
+        assert reply == [text]
+        assert f"reject: RCPT from unknown[192.0.2.1]: {text}" in lines_of(events)
+
+    def test_outbound_listener_refuses_strangers(self, server: Server) -> None:
+        session = server.connect("internal", peer="203.0.113.5")
+        session.hello()
+        session.send("MAIL FROM:<s@client.example>\r\n")
+        assert session.send("RCPT TO:<x@far.example>\r\n") == [
+            "554 5.7.1 <x@far.example>: Relay access denied"
+        ]
+
+    def test_outbound_listener_relays_for_its_networks(self, server: Server) -> None:
+        session = server.connect("internal", peer="192.0.2.7")
+        session.start_transaction("x@far.example")
+
+    def test_too_many_recipients(self, server: Server) -> None:
+        session = server.connect()
+        session.start_transaction("a@example.com", "b@example.com", "c@example.com")
+        assert session.send("RCPT TO:<d@example.com>\r\n") == [
+            "452 4.5.3 Error: too many recipients"
+        ]
+
+    def test_oversize_declared_size(self, server: Server) -> None:
+        session = server.connect()
+        session.hello()
+        assert session.send(f"MAIL FROM:<a@b.example> SIZE={LIMIT + 1}\r\n") == [
+            "552 5.3.4 Message size exceeds fixed limit"
+        ]
+        assert codes(session.send(f"MAIL FROM:<a@b.example> SIZE={LIMIT}\r\n")) == [
+            "250 2.1.0"
+        ]
+
+    def test_parameters(self, server: Server) -> None:
+        session = server.connect()
+        session.hello()
+        assert codes(session.send("MAIL FROM:<a@b.example> XFOO=1\r\n")) == [
+            "555 5.5.4"
+        ]
+        session.send("MAIL FROM:<a@b.example>\r\n")
+        assert codes(session.send("RCPT TO:<a@example.com> NOTIFY=NEVER\r\n")) == [
+            "555 5.5.4"
+        ]
+
+    def test_nested_mail_and_data_without_recipients(self, server: Server) -> None:
+        session = server.connect()
+        session.hello()
+        replies = session.send(
+            "MAIL FROM:<a@b.example>\r\nMAIL FROM:<a@b.example>\r\nDATA\r\n"
+        )
+        assert codes(replies) == ["250 2.1.0", "503 5.5.1", "554 5.5.1"]
+        assert server.is_empty()
+
+    def test_bad_addresses(self, server: Server) -> None:
+        session = server.connect()
+        session.hello()
+        assert codes(session.send("MAIL FROM:<a b@c>\r\n")) == ["501 5.1.7"]
+        session.send("MAIL FROM:<>\r\n")
+        assert codes(session.send("RCPT TO:<>\r\n")) == ["501 5.1.3"]
+
+    def test_ehlo_resets_the_transaction(self, server: Server) -> None:
+        session = server.connect()
+        session.start_transaction()
+        session.hello()
+        assert codes(session.send("DATA\r\n")) == ["503 5.5.1"]
+
+
+class TestPipelining:
+    MESSAGE = (
+        "EHLO client.example\r\n"
+        "MAIL FROM:<sender@client.example>\r\n"
+        "RCPT TO:<a@example.com>\r\n"
+        "DATA\r\n"
+        "Subject: hi\r\n\r\nbody\r\n.\r\n"
+        "QUIT\r\n"
+    )
+
+    def test_replies_in_command_order(self, server: Server) -> None:
+        session = server.connect()
+        replies = session.send(self.MESSAGE)
+        assert codes(replies) == [
+            "250 STARTTLS",
+            "250 2.1.0",
+            "250 2.1.5",
+            "354 End",
+            "250 2.0.0",
+            "221 2.0.0",
+        ]
+        queue_id = queued_id(replies[-2])
+        assert server.spool.queue_ids() == [queue_id]
+        assert [envelope.queue_id for envelope in server.queued] == [queue_id]
+
+    def test_nothing_is_answered_while_the_commit_runs(self, server: Server) -> None:
+        pending: defer.Deferred[None] = defer.Deferred()
+        held: list[tuple[MessageWriter, Envelope]] = []
+
+        def hold(writer: MessageWriter, envelope: Envelope) -> defer.Deferred[None]:
+            held.append((writer, envelope))
+            return pending
+
+        server.factory.commit = hold
+        session = server.connect()
+        assert codes(session.send(self.MESSAGE))[-1] == "354 End"
+        assert session.transport.producerState == "paused"
+        assert session.send("NOOP\r\n") == []  # buffered, not answered
+        assert not server.queued
+
+        writer, envelope = held[0]
+        writer.commit(envelope)
+        pending.callback(None)
+        replies = session.take()
+        assert codes(replies) == ["250 2.0.0", "221 2.0.0"]
+        assert queued_id(replies[0]) == envelope.queue_id
+        assert server.queued == [envelope]
+
+    def test_idle_timer_is_stopped_during_the_commit(self, server: Server) -> None:
+        writers: list[MessageWriter] = []
+
+        def never(writer: MessageWriter, envelope: Envelope) -> defer.Deferred[None]:
+            writers.append(writer)
+            return defer.Deferred()
+
+        server.factory.commit = never
+        session = server.connect()
+        session.send(self.MESSAGE)
+        server.clock.advance(3600)
+        assert session.take() == []
+        assert not session.transport.disconnecting
+        writers[0].abort()
+
+    @pytest.mark.parametrize(
+        ("error", "expected"),
+        [
+            (
+                OSError(errno.EIO, "I/O error"),
+                "451 4.3.0 Error: queue file write error",
+            ),
+            (
+                OSError(errno.ENOSPC, "No space"),
+                "452 4.3.1 Insufficient system storage",
+            ),
+            (RuntimeError("bug"), "451 4.3.0 Error: queue file write error"),
+        ],
+    )
+    def test_commit_failure(
+        self,
+        server: Server,
+        events: list[dict[str, Any]],
+        error: Exception,
+        expected: str,
+    ) -> None:
+        server.factory.commit = lambda writer, envelope: defer.fail(error)
+        session = server.connect()
+        replies = session.send(self.MESSAGE)
+        assert replies[-2:] == [expected, "221 2.0.0 Bye"]
+        assert server.is_empty()
+        assert not server.queued
+        assert any("cannot write the queue file" in line for line in lines_of(events))
+        # The reactor logs failures that are never handled; none are left.
+        for event in events:
+            if event.get("log_failure") is not None:
+                event["log_failure"].cleanFailure()
+
+
+class TestStartTLS:
+    def test_pipelined_commands_after_starttls_are_discarded(
+        self, server: Server
+    ) -> None:
+        session = server.connect()
+        replies = session.send(
+            "EHLO client.example\r\nSTARTTLS\r\n"
+            "MAIL FROM:<a@b.example>\r\nRCPT TO:<a@example.com>\r\n"
+        )
+        assert replies[-1] == "220 2.0.0 Ready to start TLS"
+        assert codes(replies) == ["250 STARTTLS", "220 2.0.0"]
+        assert session.transport.tls_creator is server.creator
+
+        session.protocol.handshakeCompleted()
+        assert session.protocol.tls == TLSFacts(
+            "TLSv1.3", "TLS_AES_128_GCM_SHA256", 128
+        )
+        # All was forgotten, HELO included (RFC 3207 4.2).
+        assert session.send("MAIL FROM:<a@b.example>\r\n") == [
+            "503 5.5.1 Error: send HELO/EHLO first"
+        ]
+        ehlo = session.send("EHLO client.example\r\n")
+        assert ehlo[-1] == "250 ENHANCEDSTATUSCODES"
+        assert session.send("STARTTLS\r\n") == ["503 5.5.1 Error: TLS already active"]
+
+    def test_starttls_with_arguments(self, server: Server) -> None:
+        session = server.connect()
+        session.hello()
+        assert session.send("STARTTLS x\r\n") == ["501 5.5.4 Syntax: STARTTLS"]
+        assert session.transport.tls_creator is None
+
+    def test_starttls_inside_a_transaction(self, server: Server) -> None:
+        session = server.connect()
+        session.start_transaction()
+        assert codes(session.send("STARTTLS\r\n")) == ["503 5.5.1"]
+
+    def test_require_tls(self, server: Server) -> None:
+        session = server.connect("submission")
+        session.hello()
+        assert session.send("MAIL FROM:<a@b.example>\r\n") == [
+            "530 5.7.0 Must issue a STARTTLS command first"
+        ]
+        session.send("STARTTLS\r\n")
+        session.protocol.handshakeCompleted()
+        session.hello()
+        assert codes(session.send("MAIL FROM:<a@b.example>\r\n")) == ["250 2.1.0"]
+
+    def test_tls_facts_reach_the_envelope_and_header(self, server: Server) -> None:
+        session = server.connect()
+        session.hello()
+        session.send("STARTTLS\r\n")
+        session.protocol.handshakeCompleted()
+        session.start_data()
+        queue_id = queued_id(session.send("hi\r\n.\r\n")[0])
+        envelope = server.spool.load(queue_id)
+        assert envelope.client.tls == TLSFacts("TLSv1.3", "TLS_AES_128_GCM_SHA256", 128)
+        message = server.message(queue_id)
+        assert f"with ESMTPS id {queue_id}\r\n".encode() in message
+        assert b"\t(version=TLSv1.3 cipher=TLS_AES_128_GCM_SHA256)\r\n" in message
+
+
+class TestData:
+    def test_message_and_envelope_as_spooled(self, server: Server) -> None:
+        session = server.connect(peer="192.0.2.1")
+        session.send("EHLO client.example\r\n")
+        session.send("MAIL FROM:<Sender@Client.Example> BODY=8BITMIME\r\n")
+        session.send("RCPT TO:<Alice@EXAMPLE.com>\r\n")
+        session.send("DATA\r\n")
+        body = (
+            b"Subject: dots\r\n"
+            b"\r\n"
+            b"..leading dot\r\n"
+            b"..\r\n"
+            b"...\r\n"
+            b"not.a.dot line\r\n"
+            b"caf\xc3\xa9\r\n"
+        )
+        stuffed = body.replace(b"\r\n..", b"\r\n.")
+        assert stuffed != body
+        replies = session.send(body + b".\r\n")
+        queue_id = queued_id(replies[0])
+
+        message = server.message(queue_id)
+        assert body_of(message) == (
+            b"Subject: dots\r\n\r\n.leading dot\r\n.\r\n..\r\n"
+            b"not.a.dot line\r\ncaf\xc3\xa9\r\n"
+        )
+        header = message[: len(message) - len(body_of(message))]
+        assert header.startswith(
+            b"Received: from client.example (unknown [192.0.2.1])\r\n"
+            b"\tby relay.test (mta) with ESMTP id " + queue_id.encode() + b"\r\n"
+            b"\tfor <Alice@EXAMPLE.com>; "
+        )
+        assert header.count(b"\n") == header.count(b"\r\n") == 3
+
+        envelope = server.spool.load(queue_id)
+        assert envelope.sender == "Sender@Client.Example"
+        assert [r.address for r in envelope.recipients] == ["Alice@EXAMPLE.com"]
+        assert envelope.body == "8BITMIME"
+        assert envelope.size == len(message)
+        assert envelope.client.helo == "client.example"
+        assert envelope.client.host == "unknown"
+        assert envelope.client.address == "192.0.2.1"
+        assert envelope.client.listener == "mx"
+        assert envelope.client.tls is None
+
+    def test_null_sender_and_several_recipients(self, server: Server) -> None:
+        session = server.connect()
+        session.hello()
+        session.send("MAIL FROM:<>\r\n")
+        session.send("RCPT TO:<a@example.com>\r\nRCPT TO:<b@Example.COM>\r\n")
+        # The same mailbox again is taken once.
+        assert session.send("RCPT TO:<a@EXAMPLE.COM>\r\n") == ["250 2.1.5 Ok"]
+        session.send("DATA\r\n")
+        queue_id = queued_id(session.send(".\r\n")[0])
+        envelope = server.spool.load(queue_id)
+        assert envelope.sender == ""
+        assert [r.address for r in envelope.recipients] == [
+            "a@example.com",
+            "b@Example.COM",
+        ]
+        message = server.message(queue_id)
+        assert b"for <" not in message
+        assert body_of(message) == b""
+
+    def test_long_lines_never_end_data(self, server: Server) -> None:
+        session = server.connect()
+        session.start_data()
+        # A 16 KiB+ line, then a dot that is not at a line start, then what
+        # would be commands were we out of DATA mode.
+        body = (
+            b"A" * 17000
+            + b"\r\n"
+            + b"B" * 16384
+            + b".\r\nRSET\r\nMAIL FROM:<evil@x.example>\r\n"
+            + b"after\r\n"
+        )
+        replies = session.send(body + b".\r\n")
+        assert len(replies) == 1
+        assert body_of(server.message(queued_id(replies[0]))) == body
+
+    def test_a_line_without_crlf_is_not_buffered(self, server: Server) -> None:
+        session = server.connect()
+        session.start_data()
+        assert session.send(b"C" * 20480) == []
+        assert len(session.protocol._input) == 0
+        assert session.send(b".\r\nQUIT\r\n") == []
+        assert session.send(b"C" * 100 + b"\r\nend\r\n") == []
+        replies = session.send(b".\r\n")
+        body = b"C" * 20480 + b".\r\nQUIT\r\n" + b"C" * 100 + b"\r\nend\r\n"
+        assert body_of(server.message(queued_id(replies[0]))) == body
+
+    def test_a_line_over_a_megabyte(self, server: Server) -> None:
+        session = server.connect()
+        session.start_data()
+        line = b"D" * (1024 * 1024 + 10)
+        for start in range(0, len(line), 65536):
+            assert session.send(line[start : start + 65536]) == []
+        replies = session.send(b"\r\n.\r\n")
+        assert body_of(server.message(queued_id(replies[0]))) == line + b"\r\n"
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            b"one\ntwo\r\n",
+            b"one\rtwo\r\n",
+            b"one\r\r\n",
+            b".\n",
+            b".\r.\r\n",
+            b"\n.\n",
+            b"last\n",
+        ],
+    )
+    def test_bare_cr_or_lf_fails_the_message(
+        self, server: Server, events: list[dict[str, Any]], body: bytes
+    ) -> None:
+        session = server.connect()
+        session.start_data()
+        # A bare LF or CR never ends a line, so the end needs a CRLF first.
+        replies = session.send(body + b"\r\n.\r\nNOOP\r\n")
+        text = "550 5.6.0 Message contains bare CR or LF; lines must end in CRLF"
+        assert replies == [text, "250 2.0.0 Ok"]
+        assert server.is_empty()
+        assert not server.queued
+        assert f"reject: END-OF-MESSAGE from unknown[192.0.2.1]: {text}" in lines_of(
+            events
+        )
+
+    def test_a_bare_lf_dot_does_not_end_data(self, server: Server) -> None:
+        session = server.connect()
+        session.start_data()
+        assert session.send(b"x\r\n.\nQUIT\r\n") == []
+        assert codes(session.send(b".\r\n")) == ["550 5.6.0"]
+
+    def test_oversize_body_is_read_to_its_end(self, server: Server) -> None:
+        session = server.connect()
+        session.start_data()
+        line = b"E" * 998 + b"\r\n"
+        for _ in range(LIMIT // len(line) + 2):
+            assert session.send(line) == []
+        # Past the limit, nothing more is written.
+        (partial,) = server.spool.tmp.iterdir()
+        assert partial.stat().st_size <= LIMIT + 1000
+        replies = session.send(b".\r\nNOOP\r\n")
+        assert replies == ["552 5.3.4 Message size exceeds fixed limit", "250 2.0.0 Ok"]
+        assert server.is_empty()
+
+    def test_client_gone_mid_data(
+        self, server: Server, events: list[dict[str, Any]]
+    ) -> None:
+        session = server.connect()
+        session.start_data()
+        session.send(b"Subject: half\r\n\r\nand then")
+        session.protocol.connectionLost(Failure(ConnectionError("gone")))
+        assert server.is_empty()
+        assert not any(event.get("log_failure") for event in events)
+        assert not any(event.get("log_level").name == "error" for event in events)
+
+    @pytest.mark.parametrize(
+        # What is stored before a failure is found does not matter: the
+        # writer is aborted.
+        ("stream", "stored", "failure"),
+        [
+            (
+                b"a\r\n..b\r\n...\r\n\r\n..\r\nc.\r\n.x\r\n.\r\nafter\r\n",
+                b"a\r\n.b\r\n..\r\n\r\n.\r\nc.\r\nx\r\n",
+                None,
+            ),
+            (b".\r\nafter\r\n", b"", None),
+            (b"a\r\n.\r\r\n\r\n.\r\nafter\r\n", b"", "550 5.6.0"),
+            (b"a\r\nb\nc\r\n.\r\nafter\r\n", b"", "550 5.6.0"),
+            (b"x" * 50 + b"\r\n.\r\nafter\r\n", b"", "552 5.3.4"),
+        ],
+    )
+    def test_every_split_of_the_input_gives_the_same_message(
+        self, stream: bytes, stored: bytes, failure: str | None
+    ) -> None:
+        splits = [[stream], [stream[i : i + 1] for i in range(len(stream))]]
+        splits += [[stream[:cut], stream[cut:]] for cut in range(1, len(stream))]
+        for chunks in splits:
+            decoder = DataDecoder(limit=40)
+            got, rest = b"", None
+            for chunk in chunks:
+                if rest is not None:
+                    rest += chunk
+                    continue
+                piece, rest = decoder.feed(chunk)
+                got += piece
+            assert rest == b"after\r\n", chunks
+            reply = decoder.failure
+            assert (reply and f"{reply.code} {reply.dsn}") == failure, chunks
+            if failure is None:
+                assert got == stored, chunks
+
+
+def test_received_header_plaintext_several_recipients() -> None:
+    header = received_header(
+        helo="bad\x01name (x)",
+        client_host="unknown",
+        client_address="192.0.2.1",
+        hostname="relay.test",
+        queue_id="ABC",
+        esmtp=False,
+        tls=None,
+        recipients=["a@example.com", "b@example.com"],
+        when=1796326800.0,
+    )
+    assert header == (
+        b"Received: from bad?name?(x) (unknown [192.0.2.1])\r\n"
+        b"\tby relay.test (mta) with SMTP id ABC; Thu, 03 Dec 2026 19:40:00 +0000\r\n"
+    )
+
+
+# --- on loopback, with real TLS ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> certs.CertFiles:
+    leaf = certs.issue_server_cert(HOSTNAME)  # ECDSA
+    return certs.write_cert_files(leaf, tmp_path_factory.mktemp("tls"))
+
+
+class Listening:
+    """A `RelayServerFactory` on 127.0.0.1, port chosen by the system."""
+
+    def __init__(self, folder: Path, files: certs.CertFiles) -> None:
+        from twisted.internet import reactor
+
+        self.config = write_config(folder, files)
+        self.spool = Spool(folder / "spool")
+        self.spool.create()
+        creator = ServerCreator(server_context(self.config.tls))
+        self.queued: list[Envelope] = []
+        factory = RelayServerFactory(
+            "mx",
+            lambda: self.config,
+            self.spool,
+            lambda: creator,
+            self.queued.append,
+        )
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.address = ("127.0.0.1", self.port.getHost().port)
+
+    def client(self) -> smtplib.SMTP:
+        return smtplib.SMTP(*self.address, local_hostname="client.example", timeout=10)
+
+
+@pytest.fixture
+def listening(tmp_path: Path, tls_files: certs.CertFiles) -> Iterator[Listening]:
+    server = Listening(tmp_path, tls_files)
+    yield server
+    pytest_twisted.blockon(server.port.stopListening())
+
+
+def in_thread(function: Callable[[], Any]) -> defer.Deferred[Any]:
+    return threads.deferToThread(function)
+
+
+def client_context(
+    maximum: ssl.TLSVersion | None = None, ciphers: str | None = None
+) -> ssl.SSLContext:
+    context = certs.permissive_client_context(
+        minimum=ssl.TLSVersion.TLSv1_2, maximum=maximum
+    )
+    if ciphers is not None:
+        context.set_ciphers(ciphers)
+    return context
+
+
+def send_over_tls(
+    listening: Listening, context: ssl.SSLContext
+) -> tuple[str | None, tuple[str, str, int] | None, str]:
+    """STARTTLS, one message; the protocol, cipher, and the queued reply."""
+    with listening.client() as client:
+        client.starttls(context=context)
+        sock = client.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        version, cipher = sock.version(), sock.cipher()
+        client.ehlo("client.example")
+        client.mail("sender@client.example")
+        client.rcpt("a@example.com")
+        code, text = client.data(b"Subject: tls\r\n\r\nhello\r\n")
+        assert code == 250, text
+    return version, cipher, text.decode()
+
+
+@pytest_twisted.inlineCallbacks
+def test_starttls_is_tls13_and_facts_reach_the_spool(listening: Listening) -> Any:
+    version, cipher, reply = yield in_thread(
+        lambda: send_over_tls(listening, client_context())
+    )
+    assert version == "TLSv1.3"
+    # Our first TLS 1.3 suite, although OpenSSL clients prefer AES-256.
+    assert cipher is not None and cipher[0] == "TLS_AES_128_GCM_SHA256"
+
+    queue_id = reply.rsplit(" ", 1)[1]
+    envelope = listening.spool.load(queue_id)
+    assert envelope.client.tls == TLSFacts("TLSv1.3", "TLS_AES_128_GCM_SHA256", 128)
+    assert envelope.client.listener == "mx"
+    assert envelope.client.address == "127.0.0.1"
+    assert [item.queue_id for item in listening.queued] == [queue_id]
+    message = listening.spool.message_path(queue_id).read_bytes()
+    assert b"with ESMTPS id" in message
+    assert message.endswith(b"\r\n\r\nhello\r\n")
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls12_client_gets_our_cipher_order(listening: Listening) -> Any:
+    reverse = ":".join(reversed(DEFAULT_CIPHERS))
+    context = client_context(maximum=ssl.TLSVersion.TLSv1_2, ciphers=reverse)
+    version, cipher, _ = yield in_thread(lambda: send_over_tls(listening, context))
+    assert version == "TLSv1.2"
+    assert cipher is not None and cipher[0] == "ECDHE-ECDSA-AES128-GCM-SHA256"
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls10_11_client_is_refused(listening: Listening) -> Any:
+    def attempt() -> BaseException | None:
+        context = certs.permissive_client_context(
+            minimum=ssl.TLSVersion.TLSv1, maximum=ssl.TLSVersion.TLSv1_1
+        )
+        client = listening.client()
+        try:
+            client.starttls(context=context)
+        except (ssl.SSLError, OSError, smtplib.SMTPException) as error:
+            return error
+        finally:
+            client.close()
+        return None
+
+    error = yield in_thread(attempt)
+    assert isinstance(error, ssl.SSLError)
+    assert "PROTOCOL_VERSION" in str(error)  # our alert, not a cipher problem
+    assert not listening.spool.queue_ids()
+
+
+def raw_exchange(address: tuple[str, int], data: bytes) -> list[str]:
+    """Send ``data`` in one packet; every reply line until the server closes."""
+    with socket.create_connection(address, timeout=10) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()  # greeting
+        sock.sendall(data)
+        return [line.decode().rstrip("\r\n") for line in reader]
+
+
+@pytest_twisted.inlineCallbacks
+def test_pipelined_replies_in_order_on_a_socket(listening: Listening) -> Any:
+    replies = yield in_thread(
+        lambda: raw_exchange(listening.address, TestPipelining.MESSAGE.encode())
+    )
+    assert codes(replies) == [
+        "250 STARTTLS",
+        "250 2.1.0",
+        "250 2.1.5",
+        "354 End",
+        "250 2.0.0",
+        "221 2.0.0",
+    ]
+    assert listening.spool.queue_ids() == [queued_id(replies[-2])]
+
+
+@pytest_twisted.inlineCallbacks
+def test_commands_pipelined_after_starttls_never_run(listening: Listening) -> Any:
+    def exchange() -> list[str]:
+        with socket.create_connection(listening.address, timeout=10) as sock:
+            reader = sock.makefile("rb")
+            reader.readline()
+            sock.sendall(
+                b"EHLO client.example\r\nSTARTTLS\r\n"
+                b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<a@example.com>\r\n"
+            )
+            while not reader.readline().startswith(b"220 "):
+                pass
+            context = client_context()
+            with context.wrap_socket(sock, server_hostname=HOSTNAME) as tls:
+                tls.sendall(b"NOOP\r\nMAIL FROM:<a@b.example>\r\nQUIT\r\n")
+                return [line.decode().rstrip() for line in tls.makefile("rb")]
+
+    replies = yield in_thread(exchange)
+    assert replies == [
+        "250 2.0.0 Ok",
+        "503 5.5.1 Error: send HELO/EHLO first",
+        "221 2.0.0 Bye",
+    ]

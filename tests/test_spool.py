@@ -1,0 +1,341 @@
+"""The envelope's JSON form and the spool on disk: real files in tmp_path,
+and a real second process for the lock (flock locks belong to an open file
+description, so only another process shows what the CLI would meet)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mta import envelope as env
+from mta.envelope import (
+    Attempt,
+    Client,
+    Envelope,
+    Recipient,
+    TLSFacts,
+    from_json,
+    to_json,
+)
+from mta.spool import Locked, Spool, SpoolError, new_queue_id
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+TLS13 = TLSFacts("TLSv1.3", "TLS_AES_128_GCM_SHA256", 128)
+TLS12 = TLSFacts("TLSv1.2", "ECDHE-RSA-AES128-GCM-SHA256")
+
+
+def sample(queue_id: str = "0000000000001ABCD") -> Envelope:
+    """An envelope with every kind of field filled in."""
+    delivered = Recipient(
+        "a@example.net",
+        state=env.DELIVERED,
+        reason="250 2.0.0 Ok",
+        dsn="2.0.0",
+        history=(
+            Attempt(1000.0, "deferred", "4.7.0", "STARTTLS refused",
+                    "opportunistic", relay="mx1.example.net[192.0.2.1]:25",
+                    fallback="plaintext later"),
+            Attempt(1060.0, "sent", "2.0.0", "250 2.0.0 Ok", "enforce-secure",
+                    relay="mx2.example.net[192.0.2.2]:25", tls=TLS13,
+                    trust="Verified", matched="mx2.example.net",
+                    rule="partner"),
+        ),
+    )
+    waiting = Recipient("b@example.org", state=env.DEFERRED, reason="busy",
+                        dsn="4.2.0", next_attempt=1360.0)
+    return Envelope(
+        queue_id=queue_id,
+        sender="",
+        arrival=1000.0,
+        size=1234,
+        client=Client("client.example", "client.example", "192.0.2.9",
+                      "submission", tls=TLS12),
+        recipients=(delivered, waiting, Recipient("c@example.com")),
+        body="8BITMIME",
+        hold=True,
+        extra={"notify": ["FAILURE"], "envid": "x1"},
+    )
+
+
+# --- the envelope ----------------------------------------------------------
+
+
+def test_an_envelope_survives_json_with_history_and_tls_facts() -> None:
+    original = sample()
+    again = from_json(to_json(original))
+
+    assert again == original
+    sent = again.recipient("a@example.net").history[1]
+    assert isinstance(sent.tls, TLSFacts) and str(sent.tls) == (
+        "TLSv1.3/TLS_AES_128_GCM_SHA256")
+    assert again.client.tls == TLS12
+    assert again.recipient("c@example.com").history == ()
+
+
+def test_the_json_form_carries_its_version() -> None:
+    assert b'"version": 1' in to_json(sample())
+
+
+GARBAGE = [
+    b"",
+    b"not json",
+    b"\xff\xfe\x00garbage",
+    b"[]",
+    b"null",
+    b"42",
+    b'"an envelope"',
+    b"{}",
+    to_json(sample()).replace(b'"version": 1', b'"version": 2'),
+    to_json(sample()).replace(b'"client"', b'"customer"'),
+    to_json(sample()).replace(b'"sender"', b'"colour"'),
+    to_json(sample()).replace(b'"matched"', b'"colour"'),
+    to_json(sample())[:200],
+    b'{"version": 1, "client": 5, "recipients": []}',
+    b'{"version": 1, "client": {}, "recipients": 7}',
+]
+
+
+@pytest.mark.parametrize("data", GARBAGE, ids=range(len(GARBAGE)))
+def test_anything_but_an_envelope_is_a_value_error(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        from_json(data)
+
+
+def test_an_envelope_knows_when_it_is_done() -> None:
+    envelope = sample()
+    assert not envelope.is_done
+    assert envelope.recipient("b@example.org").deferrals() == 0
+    assert envelope.recipient("a@example.net").deferrals() == 1
+
+    done = envelope
+    for recipient in envelope.recipients:
+        done = done.with_recipient(
+            Recipient(recipient.address, state=env.FAILED))
+
+    assert done.is_done
+    assert [r.address for r in done.recipients] == [
+        r.address for r in envelope.recipients]
+    with pytest.raises(KeyError):
+        envelope.recipient("nobody@example.com")
+
+
+# --- the spool -------------------------------------------------------------
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool")
+    spool.create()
+    return spool
+
+
+def commit(spool: Spool, body: bytes = b"Subject: hi\r\n\r\nhello\r\n") -> str:
+    writer = spool.new_message()
+    writer.write(body[:5])
+    writer.write(body[5:])
+    assert writer.size == len(body)
+    writer.commit(sample(writer.queue_id))
+    return writer.queue_id
+
+
+def test_commit_puts_message_and_envelope_in_the_queue(spool: Spool) -> None:
+    queue_id = commit(spool, b"Subject: hi\r\n\r\n.dotted\r\n")
+
+    assert sorted(os.listdir(spool.queue)) == [f"{queue_id}.env",
+                                               f"{queue_id}.msg"]
+    assert os.listdir(spool.tmp) == []
+    assert spool.message_path(queue_id).read_bytes() == (
+        b"Subject: hi\r\n\r\n.dotted\r\n")
+    assert spool.load(queue_id) == sample(queue_id)
+    assert spool.queue_ids() == [queue_id]
+
+
+def test_a_message_being_written_is_only_in_tmp(spool: Spool) -> None:
+    writer = spool.new_message()
+    writer.write(b"partial")
+
+    assert spool.queue_ids() == []
+    assert os.listdir(spool.queue) == []
+
+    writer.abort()
+    assert os.listdir(spool.tmp) == []
+
+
+def test_queue_ids_are_unique_and_sorted_by_arrival(spool: Spool) -> None:
+    first = commit(spool)
+    time.sleep(0.002)
+    second = commit(spool)
+    assert first != second
+    assert spool.queue_ids() == [first, second]
+    assert len({new_queue_id() for _ in range(1000)}) == 1000
+
+
+def test_save_replaces_the_envelope_whole(spool: Spool) -> None:
+    """A new file is renamed over the old one: a reader holding the old
+    file still reads all of it, and nothing is left in tmp/."""
+    queue_id = commit(spool)
+    path = spool.envelope_path(queue_id)
+    old_inode = path.stat().st_ino
+    changed = sample(queue_id).with_recipient(
+        Recipient("b@example.org", state=env.DELIVERED, dsn="2.0.0"))
+
+    with open(path, "rb") as reader:
+        spool.save(changed)
+        assert from_json(reader.read()) == sample(queue_id)
+
+    assert path.stat().st_ino != old_inode
+    assert spool.load(queue_id) == changed
+    assert os.listdir(spool.tmp) == []
+
+
+def test_remove_deletes_both_files(spool: Spool) -> None:
+    keep = commit(spool)
+    gone = commit(spool)
+
+    spool.remove(gone)
+    spool.remove(gone)  # twice is harmless
+
+    assert spool.queue_ids() == [keep]
+    assert not spool.message_path(gone).exists()
+    with pytest.raises(FileNotFoundError):
+        spool.load(gone)
+
+
+def test_an_unreadable_envelope_is_a_spool_error_and_is_skipped(
+    spool: Spool,
+) -> None:
+    good = commit(spool)
+    bad = commit(spool)
+    spool.envelope_path(bad).write_bytes(b"{ half an envel")
+
+    with pytest.raises(SpoolError, match=bad):
+        spool.load(bad)
+    assert [envelope.queue_id for envelope in spool.envelopes()] == [good]
+
+
+def test_quarantine_moves_both_files_aside(spool: Spool) -> None:
+    queue_id = commit(spool)
+    spool.envelope_path(queue_id).write_bytes(b"garbage")
+
+    spool.quarantine(queue_id)
+
+    assert spool.queue_ids() == []
+    assert os.listdir(spool.queue) == []
+    assert sorted(os.listdir(spool.corrupt)) == [f"{queue_id}.env",
+                                                 f"{queue_id}.msg"]
+    assert (spool.corrupt / f"{queue_id}.env").read_bytes() == b"garbage"
+
+
+def test_clean_orphans_removes_only_old_orphans(spool: Spool) -> None:
+    """Another process may be committing right now: young files stay, and
+    a committed message stays whatever its age."""
+    old = time.time() - 7200
+    committed = commit(spool)
+    paths = {
+        "old tmp": spool.tmp / "OLDTMP.msg",
+        "young tmp": spool.tmp / "YOUNGTMP.msg",
+        "old orphan": spool.queue / "OLDORPHAN.msg",
+        "young orphan": spool.queue / "YOUNGORPHAN.msg",
+    }
+    for path in paths.values():
+        path.write_bytes(b"x")
+    for name in ("old tmp", "old orphan"):
+        os.utime(paths[name], (old, old))
+    for path in (spool.message_path(committed),
+                 spool.envelope_path(committed)):
+        os.utime(path, (old, old))
+
+    removed = spool.clean_orphans(older_than=3600)
+
+    assert sorted(removed) == ["OLDORPHAN.msg", "OLDTMP.msg"]
+    assert not paths["old tmp"].exists()
+    assert not paths["old orphan"].exists()
+    assert paths["young tmp"].exists() and paths["young orphan"].exists()
+    assert spool.queue_ids() == [committed]
+    assert spool.message_path(committed).exists()
+
+
+# --- the lock, across processes --------------------------------------------
+
+LOCKER = """\
+import sys
+from pathlib import Path
+from mta.spool import Locked, Spool
+try:
+    lock = Spool(Path(sys.argv[1])).lock(sys.argv[2])
+except Locked:
+    print("Locked", flush=True)
+    sys.exit(0)
+print("locked", flush=True)
+sys.stdin.read()  # hold the lock until the test closes our stdin
+"""
+
+
+def other_process(spool: Spool, queue_id: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(spool.root), queue_id],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=REPOSITORY,
+    )
+
+
+def test_a_message_locked_by_another_process_raises_locked(
+    spool: Spool,
+) -> None:
+    queue_id = commit(spool)
+    holder = other_process(spool, queue_id)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == "locked\n"
+
+        with pytest.raises(Locked):
+            spool.lock(queue_id)
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()
+        holder.wait(timeout=10)
+
+    # Its lock went with it.
+    with spool.lock(queue_id) as lock:
+        assert lock.descriptor >= 0
+    assert lock.descriptor == -1
+
+
+def test_our_lock_keeps_another_process_out_until_released(
+    spool: Spool,
+) -> None:
+    queue_id = commit(spool)
+
+    with spool.lock(queue_id):
+        # An envelope rewrite does not loosen the lock (it is on ID.msg).
+        spool.save(sample(queue_id))
+        refused = other_process(spool, queue_id)
+        out, _ = refused.communicate(timeout=10)
+        assert out == "Locked\n"
+
+    taken = other_process(spool, queue_id)
+    out, _ = taken.communicate("", timeout=10)
+    assert out == "locked\n"
+
+
+def test_a_removed_message_cannot_be_locked(spool: Spool) -> None:
+    queue_id = commit(spool)
+    spool.remove(queue_id)
+    with pytest.raises(FileNotFoundError):
+        spool.lock(queue_id)
+
+
+def test_a_message_whose_envelope_is_gone_cannot_be_locked(
+    spool: Spool,
+) -> None:
+    """Removed while we waited: the envelope goes first."""
+    queue_id = commit(spool)
+    spool.envelope_path(queue_id).unlink()
+    with pytest.raises(FileNotFoundError):
+        spool.lock(queue_id)
