@@ -201,6 +201,7 @@ class Deliverer:
             matched=matched,
             rule=group.policy.rule,
             fallback=fallback,
+            connected=result is not None and _connected(result),
         )
 
     def _everyone(self, group: Group, attempt: Attempt) -> GroupResult:
@@ -237,6 +238,10 @@ class Deliverer:
         else:
             status, dsn = outcomes.DEFERRED, _deferral_dsn(result)
         return self._attempt(group, status, dsn, failure.reason, target, result)
+
+
+def _connected(result: SessionResult) -> bool:
+    return result.failure is None or result.failure.stage != "connect"
 
 
 def _relay(target: Target | None) -> str | None:

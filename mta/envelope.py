@@ -59,6 +59,7 @@ class Attempt:
     matched: str | None = None
     rule: str | None = None
     fallback: str | None = None
+    connected: bool = False  # an SMTP session was made with `relay`
 
 
 @dataclass(frozen=True, slots=True)

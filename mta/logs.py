@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from mta.envelope import Attempt, Envelope, TLSFacts
+from mta.envelope import Attempt, Envelope
 
 log = Logger(namespace="mta")
 
@@ -62,7 +62,7 @@ def delivery_line(
         "to": f"<{recipient}>",
         "relay": attempt.relay or "none",
         "delay": f"{delay:.2f}",
-        "tls": _tls_text(attempt.tls, attempt.relay),
+        "tls": _tls_text(attempt),
         "trust": attempt.trust,
         "matched": attempt.matched,
         "policy": attempt.policy,
@@ -75,11 +75,11 @@ def delivery_line(
             + f" ({attempt.reply})")
 
 
-def _tls_text(tls: TLSFacts | None, relay: str | None) -> str | None:
-    if tls is not None:
-        return str(tls)
-    # No connection, no TLS field: "none" would claim a plaintext session.
-    return "none" if relay else None
+def _tls_text(attempt: Attempt) -> str | None:
+    if attempt.tls is not None:
+        return str(attempt.tls)
+    # No session, no TLS field: "none" would claim a plaintext session.
+    return "none" if attempt.connected else None
 
 
 def log_delivery(

@@ -24,6 +24,20 @@ class Reply:
             return cls(code, match.group(0), text[match.end() :].strip())
         return cls(code, f"{str(code)[0]}.0.0", text)
 
+    @classmethod
+    def parse_lines(cls, code: int, lines: list[str]) -> Reply:
+        """A multi-line reply: RFC 2034 repeats the enhanced code on every
+        line; it is kept once, in front."""
+        first = cls.parse(code, lines[0] if lines else "")
+        rest = []
+        for line in lines[1:]:
+            line = " ".join(line.split())
+            if line.startswith(first.dsn + " ") or line == first.dsn:
+                line = line[len(first.dsn) :].strip()
+            rest.append(line)
+        text = " ".join(part for part in (first.text, *rest) if part)
+        return cls(first.code, first.dsn, text)
+
     @property
     def is_success(self) -> bool:
         return 200 <= self.code < 300

@@ -432,7 +432,7 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def _dispatch(self, code: int, resp: bytes) -> None:
         lines = resp.decode("utf-8", "replace").split("\n")
-        reply = Reply.parse(code, " ".join(lines))
+        reply = Reply.parse_lines(code, lines)
         if not 200 <= code < 600 or not self._pending:
             self._unexpected(reply)
             return

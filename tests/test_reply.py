@@ -70,3 +70,17 @@ def test_reply_classes(
 def test_a_reply_is_written_as_the_log_shows_it(reply: Reply, line: str) -> None:
     assert reply.line() == line
     assert str(reply) == line
+
+
+def test_multiline_reply_keeps_the_enhanced_code_once() -> None:
+    """RFC 2034 repeats the code on each line; the text keeps it once."""
+    reply = Reply.parse_lines(
+        550, ["5.7.1 Service unavailable;", "5.7.1 client blocked", "see log"]
+    )
+    assert reply == Reply(550, "5.7.1",
+                          "Service unavailable; client blocked see log")
+
+
+def test_multiline_reply_without_enhanced_codes() -> None:
+    reply = Reply.parse_lines(421, ["mx.example busy", "try later"])
+    assert reply == Reply(421, "4.0.0", "mx.example busy try later")
