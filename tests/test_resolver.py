@@ -1,0 +1,100 @@
+"""MX and address lookups against a real DNS responder on loopback."""
+
+from __future__ import annotations
+
+import pytest
+
+from mta.config import HostPort
+from mta.nexthop import HOSTS, MX, NextHop
+from mta.resolver import LookupFailed, make_resolver, targets_for
+from mta.smtpclient import Target
+from tests.peers.dnsserver import DNSServer
+
+
+def mx_hop(domain: str, port: int = 25) -> NextHop:
+    return NextHop(MX, (HostPort(domain, port, False),), "mx")
+
+
+def lookup(dns: DNSServer, hop: NextHop) -> list[Target]:
+    return targets_for(make_resolver((("127.0.0.1", dns.port),)), hop)
+
+
+def test_mx_hosts_in_preference_order_with_all_addresses(dns: DNSServer) -> None:
+    dns.set("dest.test", "MX", ["20 b.dest.test.", "10 a.dest.test."])
+    dns.set("a.dest.test", "A", ["127.0.0.1", "127.0.0.2"])
+    dns.set("a.dest.test", "AAAA", ["::1"])
+    dns.set("b.dest.test", "A", ["127.0.0.3"])
+
+    targets = lookup(dns, mx_hop("dest.test", 2525))
+
+    assert [(t.name, t.address, t.port) for t in targets] == [
+        ("a.dest.test", "127.0.0.1", 2525),
+        ("a.dest.test", "127.0.0.2", 2525),
+        ("a.dest.test", "::1", 2525),
+        ("b.dest.test", "127.0.0.3", 2525),
+    ]
+
+
+def test_equal_preferences_are_shuffled(dns: DNSServer) -> None:
+    names = [f"mx{n}.dest.test" for n in range(6)]
+    dns.set("dest.test", "MX", [f"10 {name}." for name in names] + ["5 first.dest.test."])
+    for n, name in enumerate(names):
+        dns.set(name, "A", [f"127.0.1.{n}"])
+    dns.set("first.dest.test", "A", ["127.0.0.9"])
+
+    orders = {tuple(t.name for t in lookup(dns, mx_hop("dest.test")))
+              for _ in range(20)}
+
+    assert all(order[0] == "first.dest.test" for order in orders)
+    assert len(orders) > 1  # 20 draws of 6! orders: one order is 1 in 10^51
+
+
+def test_no_mx_means_the_domain_itself(dns: DNSServer) -> None:
+    dns.set("dest.test", "A", ["127.0.0.5"])
+
+    assert lookup(dns, mx_hop("dest.test")) == [
+        Target("dest.test", "127.0.0.5", 25)]
+
+
+def test_null_mx_fails_for_good(dns: DNSServer) -> None:
+    dns.set("dest.test", "MX", ["0 ."])
+
+    with pytest.raises(LookupFailed) as raised:
+        lookup(dns, mx_hop("dest.test"))
+
+    assert raised.value.reply.dsn == "5.1.10"
+
+
+def test_nxdomain_fails_for_good(dns: DNSServer) -> None:
+    with pytest.raises(LookupFailed) as raised:
+        lookup(dns, mx_hop("missing.test"))
+
+    assert raised.value.reply.is_permanent
+    assert raised.value.reply.dsn == "5.1.2"
+
+
+def test_servfail_is_temporary(dns: DNSServer) -> None:
+    dns.servfail.add("broken.test")
+
+    with pytest.raises(LookupFailed) as raised:
+        lookup(dns, mx_hop("broken.test"))
+
+    assert raised.value.reply.is_temporary
+    assert raised.value.reply.dsn == "4.4.3"
+
+
+def test_mx_host_without_address_is_skipped(dns: DNSServer) -> None:
+    dns.set("dest.test", "MX", ["10 gone.dest.test.", "20 b.dest.test."])
+    dns.set("b.dest.test", "A", ["127.0.0.3"])
+
+    assert [t.name for t in lookup(dns, mx_hop("dest.test"))] == ["b.dest.test"]
+
+
+def test_relay_to_hosts_are_looked_up_by_address_never_mx(dns: DNSServer) -> None:
+    dns.set("mail.example.test", "MX", ["10 elsewhere.test."])
+    dns.set("mail.example.test", "A", ["127.0.0.7"])
+    hop = NextHop(HOSTS, (HostPort("mail.example.test", 2526, False),
+                          HostPort("127.0.0.8", 25, True)), "domain")
+
+    assert lookup(dns, hop) == [Target("mail.example.test", "127.0.0.7", 2526),
+                                Target("127.0.0.8", "127.0.0.8", 25)]
