@@ -134,9 +134,12 @@ class QueueRunner:
             return  # another process has it, or it is gone
         try:
             envelope = self._load(queue_id)
-            if envelope is None or envelope.hold or envelope.is_done:
+            if envelope is None or envelope.hold:
                 return
-            envelope = await self._deliver(envelope)
+            # A done envelope here is one a crash caught between its last
+            # save and its removal: only the removal is left to do.
+            if not envelope.is_done:
+                envelope = await self._deliver(envelope)
             await self._finish(envelope)
         finally:
             lock.release()
@@ -205,4 +208,6 @@ def _next_due(envelope: Envelope, now: float) -> float | None:
         return None
     times = [recipient.next_attempt or now for recipient in envelope.recipients
              if not recipient.is_final]
+    if not times and not any(r.state == FAILED for r in envelope.recipients):
+        return now  # delivered in full, not yet removed: remove it now
     return min(times) if times else None
