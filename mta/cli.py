@@ -10,38 +10,53 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from mta.config import ConfigError, default_config_path, load_config
-from mta.spool import Spool
+from mta.config import Config, ConfigError, default_config_path, load_config
+from mta.envelope import Envelope
+from mta.spool import Spool, SpoolError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mta", description=__doc__)
-    parser.add_argument(
-        "--config", type=Path, default=None,
-        help="the configuration file (default etc/mta.yaml)",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("check-config", help="check the configuration")
-    commands.add_parser(
-        "make-cert",
-        help="write a self-signed certificate and key where tls.certificate "
-        "and tls.private_key point, unless they exist",
-    )
-    queue = commands.add_parser("queue", help="look at the spool")
-    queue_commands = queue.add_subparsers(dest="queue_command", required=True)
-    listing = queue_commands.add_parser("list", help="list queued messages")
-    listing.add_argument("--json", action="store_true", help="JSON output")
-    show = queue_commands.add_parser("show", help="show one message")
-    show.add_argument("queue_id")
-
-    args = parser.parse_args(argv)
-    config_path = args.config or default_config_path()
+    args = _parser().parse_args(argv)
+    config_path = (getattr(args, "config_after", None) or args.config
+                   or default_config_path())
     handler = {
         "check-config": check_config,
         "make-cert": make_cert,
         "queue": queue_command,
     }[args.command]
     return handler(config_path, args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    # --config is accepted before or after the command, as operators type it.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument(
+        "--config", type=Path, dest="config_after", default=argparse.SUPPRESS,
+        help="the configuration file (default: etc/mta.yaml)",
+    )
+    parser = argparse.ArgumentParser(prog="mta", description=__doc__)
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="the configuration file (default: etc/mta.yaml)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("check-config", parents=[config],
+                        help="check the configuration; prints ok or each problem")
+    commands.add_parser(
+        "make-cert", parents=[config],
+        help="write a self-signed certificate and key where tls.certificate "
+        "and tls.private_key point, when neither exists",
+    )
+    queue = commands.add_parser("queue", parents=[config], help="the spool")
+    queue_commands = queue.add_subparsers(dest="queue_command", required=True)
+    listing = queue_commands.add_parser("list", parents=[config],
+                                        help="list queued messages")
+    listing.add_argument("--json", action="store_true", help="JSON output")
+    show = queue_commands.add_parser("show", parents=[config],
+                                     help="one message, with its history")
+    show.add_argument("queue_id")
+    show.add_argument("--json", action="store_true", help="JSON output")
+    return parser
 
 
 def check_config(path: Path, args: argparse.Namespace) -> int:
@@ -51,22 +66,27 @@ def check_config(path: Path, args: argparse.Namespace) -> int:
         for problem in error.problems:
             print(problem)
         return 1
-    print(f"{path}: ok")
+    print("ok")
     return 0
 
 
 def make_cert(path: Path, args: argparse.Namespace) -> int:
     from mta.selfsigned import write_self_signed
 
-    try:
-        config = load_config(path, check_tls=False)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
+    config = _load(path, check_tls=False)
+    if config is None:
         return 1
     tls = config.tls
-    if tls.certificate.exists() and tls.private_key.exists():
+    present = [p for p in (tls.certificate, tls.private_key) if p.exists()]
+    if len(present) == 2:
         print(f"{tls.certificate}: exists, left as it is")
         return 0
+    if present:
+        # Half a pair is a mistake to look at, never something to overwrite.
+        print(f"mta: {present[0]} exists but its pair does not; nothing "
+              "written (move it away or fix tls.certificate/tls.private_key)",
+              file=sys.stderr)
+        return 1
     write_self_signed(config.hostname, tls.certificate, tls.private_key)
     print(f"{tls.certificate}: self-signed certificate for {config.hostname} "
           f"written (key: {tls.private_key})")
@@ -74,34 +94,95 @@ def make_cert(path: Path, args: argparse.Namespace) -> int:
 
 
 def queue_command(path: Path, args: argparse.Namespace) -> int:
-    try:
-        config = load_config(path, check_tls=False)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
+    config = _load(path, check_tls=False)
+    if config is None:
         return 1
     spool = Spool(config.spool)
     if args.queue_command == "show":
-        try:
-            envelope = spool.load(args.queue_id)
-        except FileNotFoundError:
-            print(f"mta: {args.queue_id}: no such message in {spool.queue}",
-                  file=sys.stderr)
-            return 1
-        print(json.dumps(asdict(envelope), indent=2))
-        return 0
+        return _show(spool, args.queue_id, args.json)
+    return _list(spool, args.json)
 
+
+def _load(path: Path, check_tls: bool) -> Config | None:
+    try:
+        return load_config(path, check_tls=check_tls)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return None
+
+
+def _list(spool: Spool, as_json: bool) -> int:
     envelopes = list(spool.envelopes())
-    if args.json:
+    if as_json:
         print(json.dumps([asdict(envelope) for envelope in envelopes], indent=2))
         return 0
     for envelope in envelopes:
-        arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(
-            envelope.arrival))
         hold = "!" if envelope.hold else " "
-        print(f"{envelope.queue_id}{hold} {envelope.size:>9} {arrival}  "
-              f"<{envelope.sender}>")
+        print(f"{envelope.queue_id}{hold} {envelope.size:>9} "
+              f"{_when(envelope.arrival)}  <{envelope.sender}>")
         for recipient in envelope.recipients:
             reason = f" ({recipient.reason})" if recipient.reason else ""
             print(f"    {recipient.state:<9} <{recipient.address}>{reason}")
     print(f"-- {len(envelopes)} message(s) in {spool.queue}")
     return 0
+
+
+def _show(spool: Spool, queue_id: str, as_json: bool) -> int:
+    try:
+        envelope = spool.load(queue_id)
+    except FileNotFoundError:
+        print(f"mta: {queue_id}: no such message in {spool.queue}",
+              file=sys.stderr)
+        return 1
+    except SpoolError as error:
+        print(f"mta: {error}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(asdict(envelope), indent=2))
+        return 0
+    print("\n".join(_describe(envelope)))
+    print("headers:")
+    print(_headers(spool.message_path(queue_id)))
+    return 0
+
+
+def _describe(envelope: Envelope) -> list[str]:
+    client = envelope.client
+    lines = [
+        f"queue id: {envelope.queue_id}{'  (on hold)' if envelope.hold else ''}",
+        f"arrival:  {_when(envelope.arrival)}",
+        f"sender:   <{envelope.sender}>",
+        f"size:     {envelope.size} ({envelope.body})",
+        f"client:   {client.host}[{client.address}] helo={client.helo} "
+        f"listener={client.listener} tls={client.tls or 'none'}",
+    ]
+    for recipient in envelope.recipients:
+        due = (f", next attempt {_when(recipient.next_attempt)}"
+               if recipient.next_attempt else "")
+        lines.append(f"recipient <{recipient.address}>: {recipient.state}{due}")
+        for attempt in recipient.history:
+            tls = attempt.tls or ("none" if attempt.connected else "-")
+            lines.append(
+                f"  {_when(attempt.time)} {attempt.status} dsn={attempt.dsn} "
+                f"relay={attempt.relay or 'none'} tls={tls} "
+                f"trust={attempt.trust or '-'} policy={attempt.policy}"
+                + (f" rule={attempt.rule}" if attempt.rule else "")
+                + (f" fallback={attempt.fallback}" if attempt.fallback else "")
+            )
+            lines.append(f"    ({attempt.reply})")
+    return lines
+
+
+def _headers(path: Path) -> str:
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(64 * 1024)
+    except OSError as error:
+        return f"  (cannot read {path}: {error.strerror})"
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[:end]
+    return head.decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(seconds))

@@ -454,7 +454,7 @@ def load_config(path: str | os.PathLike[str], check_tls: bool = True) -> Config:
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: is not UTF-8 text"]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _load_yaml(text, path)
     except yaml.YAMLError as error:
         raise ConfigError([f"{path}: not valid YAML: {error}"]) from None
 
@@ -469,6 +469,42 @@ def load_config(path: str | os.PathLike[str], check_tls: bool = True) -> Config:
     if reader.problems or config is None:
         raise ConfigError(reader.problems)
     return config
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice is an error: silently
+    keeping the last one hides typos an operator would want to see."""
+
+
+def _mapping_without_duplicates(
+    loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        except TypeError:
+            continue  # an unhashable key; the parser reports it
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
+)
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    loader = _StrictLoader(text)
+    loader.name = str(path)  # error marks then name the file, not "<unicode string>"
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 _TOP_KEYS = (
@@ -486,7 +522,7 @@ def _parse(reader: _Reader, raw: Any) -> Config | None:
         return None
 
     hostname = reader.value(
-        top, "", "hostname", parse_hostname, default=socket.getfqdn().lower()
+        top, "", "hostname", parse_hostname, default=_default_hostname()
     )
     spool = reader.path_value(top, "", "spool")
     tls = _parse_tls(reader, top.get("tls"))
@@ -519,6 +555,14 @@ def _parse(reader: _Reader, raw: Any) -> Config | None:
             reader.value(top, "", "log_transcript", parse_bool, default=False)
         ),
     )
+
+
+def _default_hostname() -> str:
+    """The machine's name, as Postfix's myhostname defaults to it."""
+    for name in (socket.getfqdn(), socket.gethostname()):
+        if name and name != "localhost" and "." in name:
+            return name.lower()
+    return (socket.gethostname() or "localhost").lower()
 
 
 def _parse_tls(reader: _Reader, raw: Any) -> TLSConfig | None:
@@ -591,6 +635,10 @@ def _parse_listeners(reader: _Reader, raw: Any) -> tuple[Listener, ...]:
         networks = reader.list_of(entry, key, "networks", parse_network)
         if address is None or port is None or role is None:
             continue
+        for other in listeners:
+            if other.port == port and other.address == address:
+                reader.problem(f"{key}.port", f"{address}:{port} is already "
+                               f"used by listener {other.name}", port)
         listeners.append(
             Listener(
                 name=name or f"listener{index}",

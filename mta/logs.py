@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.logger import Logger
+import sys
+
+from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
 
 from mta.envelope import Attempt, Envelope
 
@@ -103,3 +105,9 @@ def log_reject(command: str, host: str, address: str, reply: str) -> None:
 def log_event(level: str, text: str, event: str, **fields: Any) -> None:
     """Any other operator-facing line (start, stop, spool problems)."""
     _emit(level, text, event, fields)
+
+
+def json_observer() -> ILogObserver:
+    """``twistd --logger mta.logs.json_observer``: every event as one JSON
+    object per line on standard output, with the fields above."""
+    return jsonFileLogObserver(sys.stdout)

@@ -8,6 +8,8 @@ anything starts.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from functools import partial
 from typing import Any
@@ -41,7 +43,9 @@ class Options(usage.Options):
         try:
             self["loaded"] = load_config(path)
         except ConfigError as error:
-            raise usage.UsageError(f"bad configuration\n{error}") from None
+            # Not a UsageError: twistd would print its whole usage first.
+            sys.stderr.write(f"mta: not started: bad configuration\n{error}\n")
+            raise SystemExit(1) from None
 
 
 def makeService(options: Options) -> service.IService:
@@ -79,8 +83,8 @@ class RelayService(service.Service):
 
     def privilegedStartService(self) -> None:
         # Ports are bound here, before twistd drops privileges (-u/-g), so
-        # an unprivileged relay can still listen on port 25.
-        self.spool.create()
+        # an unprivileged relay can still listen on port 25.  The spool is
+        # created later, as the user the relay runs as.
         for listener in self.config.listeners:
             factory = RelayServerFactory(
                 listener.name,
@@ -96,15 +100,18 @@ class RelayService(service.Service):
                 )
             except netError.CannotListenError as error:
                 sys.stderr.write(
-                    f"mta: listener {listener.name}: cannot listen on "
-                    f"{listener.address}:{listener.port}: {error.socketError}\n"
+                    f"mta: not started: {self.config.path}: listener "
+                    f"{listener.name}: cannot listen on {listener.address}:"
+                    f"{listener.port}: {error.socketError}\n"
                 )
                 raise SystemExit(1) from None
             self.ports.append(port)
         service.Service.privilegedStartService(self)
 
     def startService(self) -> None:
+        self._open_spool()
         service.Service.startService(self)
+        self._ignore_sighup()
         names = ", ".join(f"{listener.name}={listener.address}:{listener.port}"
                           f"/{listener.role}" for listener in self.config.listeners)
         log_event("info", f"mta {__version__} started: config={self.config.path} "
@@ -118,6 +125,30 @@ class RelayService(service.Service):
         self.ports = []
         log_event("info", "mta stopping", "stop")
         return self.queue.stop()
+
+    def _open_spool(self) -> None:
+        try:
+            self.spool.create()
+            self.spool.check_writable()
+        except OSError as error:
+            sys.stderr.write(
+                f"mta: not started: {self.config.path}: spool: cannot use "
+                f"{self.config.spool} as uid {os.getuid()}: {error.strerror}; "
+                "create it and give it to the user the relay runs as "
+                "(twistd -u/-g)\n"
+            )
+            raise SystemExit(1) from None
+
+    def _ignore_sighup(self) -> None:
+        # Until reload exists, a SIGHUP (logrotate sends them) must not stop
+        # the relay, which is its default action.
+        def hangup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(
+                log_event, "warn", "SIGHUP: reload is not supported yet; the "
+                "running configuration stays in force", "reload")
+
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, hangup)
 
     def _queued(self, envelope: Envelope) -> None:
         self.queue.wakeup(envelope.queue_id)

@@ -57,8 +57,14 @@ def _fsync_folder(path: Path) -> None:
         os.close(descriptor)
 
 
+def _create(path: Path) -> BinaryIO:
+    """A new file only this user can read: mail is private."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return os.fdopen(descriptor, "wb")
+
+
 def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as stream:
+    with _create(path) as stream:
         stream.write(data)
         stream.flush()
         os.fsync(stream.fileno())
@@ -75,12 +81,20 @@ class Spool:
         for folder in (self.root, self.tmp, self.queue, self.corrupt):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
+    def check_writable(self) -> None:
+        """Raise `OSError` unless this process can write and read the spool
+        (the folders may belong to another user)."""
+        probe = self.tmp / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        os.listdir(self.queue)
+
     # --- writing a new message -----------------------------------------
 
     def new_message(self) -> MessageWriter:
         queue_id = new_queue_id()
         path = self.tmp / f"{queue_id}.msg"
-        stream = open(path, "xb")
+        stream = _create(path)
         return MessageWriter(self, queue_id, path, stream)
 
     # --- reading and updating ------------------------------------------

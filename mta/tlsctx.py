@@ -157,7 +157,11 @@ def _check_files(tls: TLSConfig) -> list[str]:
         try:
             data = path.read_bytes()
         except OSError as error:
-            problems.append(f"tls.{key}: cannot read {path}: {error.strerror}")
+            problems.append(
+                f"tls.{key}: cannot read {path}: {error.strerror}; fix the "
+                "path, or run `mta make-cert` for a self-signed pair to try "
+                "the relay with"
+            )
             continue
         try:
             if key == "certificate":
@@ -234,7 +238,7 @@ def _check_ciphers(tls: TLSConfig) -> list[str]:
             problems.append(
                 f"tls.{key}: not supported by this OpenSSL "
                 f"({SSL.SSLeay_version(SSL.SSLEAY_VERSION).decode()}): "
-                + ", ".join(dropped)
+                + ", ".join(dropped) + _cipher_hint(key, dropped)
             )
     if not problems:
         offered = SSL.Connection(_base_context(tls)).get_cipher_list()
@@ -246,6 +250,20 @@ def _check_ciphers(tls: TLSConfig) -> list[str]:
                 + ":".join(expected)
             )
     return problems
+
+
+def _cipher_hint(key: str, dropped: list[str]) -> str:
+    # The two lists use different name spaces: OpenSSL's names for TLS 1.2
+    # ("ECDHE-RSA-AES128-GCM-SHA256"), the RFC's for TLS 1.3 ("TLS_AES_...").
+    if key == "ciphers" and any(name.startswith("TLS_") for name in dropped):
+        return ("; TLS 1.3 names (TLS_AES_128_GCM_SHA256...) belong in "
+                "tls.ciphersuites, and TLS 1.2 ones are OpenSSL's names "
+                "(ECDHE-RSA-AES128-GCM-SHA256), one per entry")
+    if key == "ciphersuites" and any(not name.startswith("TLS_")
+                                     for name in dropped):
+        return ("; only TLS 1.3 names (TLS_AES_128_GCM_SHA256...) belong "
+                "here; TLS 1.2 names go in tls.ciphers")
+    return "; write OpenSSL's names, one per entry, not a cipher string"
 
 
 def _ssl_reason(error: SSL.Error) -> str:

@@ -779,8 +779,14 @@ def test_a_cipher_name_openssl_drops_is_reported(
     assert len(problems) == 1, problems
     assert_reported(problems, path, f"tls.{key}: not supported by this OpenSSL",
                     *dropped)
-    # Exactly the dropped names are listed, in the order written.
-    assert problems[0].rsplit("): ", 1)[1].split(", ") == dropped
+    # Exactly the dropped names are listed, in the order written, then a
+    # hint on how to write the list.
+    listed, hint = problems[0].rsplit("): ", 1)[1].split("; ", 1)
+    assert listed.split(", ") == dropped
+    other = "tls.ciphers" if key == "ciphersuites" else "tls.ciphersuites"
+    crossed = any(name.startswith("TLS_") != (key == "ciphersuites")
+                  for name in dropped)
+    assert (other in hint) == crossed, hint
 
 
 def test_a_repeated_cipher_name_is_reported(folder: Path) -> None:
@@ -833,3 +839,21 @@ def test_check_tls_config_reports_both_cipher_lists_at_once(
     assert problems[0].startswith("tls.ciphers: ") and "BOGUS" in problems[0]
     assert problems[1].startswith("tls.ciphersuites: ")
     assert "BOGUS_SUITE" in problems[1]
+
+
+def test_two_listeners_on_one_address_and_port_are_refused(folder: Path) -> None:
+    data = base_config()
+    data["listeners"].append(dict(data["listeners"][0], name="other"))
+    path = write(folder, data)
+    assert_reported(problems_of(path), path, "listeners[1].port",
+                    "127.0.0.1:2525 is already used by listener mx")
+
+
+def test_a_key_given_twice_is_refused_with_file_and_line(folder: Path) -> None:
+    path = folder / "mta.yaml"
+    path.write_text(yaml.safe_dump(base_config(), sort_keys=False)
+                    + "hostname: second.example.net\n")
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}: not valid YAML")
+    assert "'hostname' is given twice" in problem
+    assert f'in "{path}", line' in problem
