@@ -109,6 +109,7 @@ class Limits:
     message_size: int
     recipients: int
     idle_timeout: float
+    hops: int = 50  # Received headers a message may carry (Postfix's 50)
 
 
 @dataclass(frozen=True, slots=True)
@@ -654,7 +655,7 @@ def _parse_listeners(reader: _Reader, raw: Any) -> tuple[Listener, ...]:
 
 def _parse_limits(reader: _Reader, raw: Any) -> Limits:
     limits = reader.mapping(raw, "limits", ("message_size", "recipients",
-                                            "idle_timeout"))
+                                            "idle_timeout", "hops"))
     return Limits(
         message_size=reader.value(
             limits, "limits", "message_size", parse_size, default=50 * 1024**2
@@ -665,6 +666,9 @@ def _parse_limits(reader: _Reader, raw: Any) -> Limits:
         idle_timeout=reader.value(
             limits, "limits", "idle_timeout", parse_timeout, default=300.0
         ) or 300.0,
+        hops=reader.value(
+            limits, "limits", "hops", parse_positive_int, default=50
+        ) or 50,
     )
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from mta.config import Config, Listener
 from mta.envelope import Client, Envelope, Recipient, TLSFacts
+from mta.hops import HopCounter, too_many_hops
 from mta.logs import log_accepted, log_event, log_reject
 from mta.received import received_header
 from mta.relaycontrol import (
@@ -244,6 +245,7 @@ class _MessageInProgress:
     transaction: Transaction
     writer: MessageWriter
     decoder: DataDecoder
+    hops: HopCounter = field(default_factory=HopCounter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +416,7 @@ class RelayServer(smtp.ESMTP):
             self._end_of_data(message)
 
     def _store(self, message: _MessageInProgress, data: bytes) -> None:
+        message.hops.feed(data)
         try:
             message.writer.write(data)
         except OSError as error:
@@ -627,6 +630,8 @@ class RelayServer(smtp.ESMTP):
 
     def _end_of_data(self, message: _MessageInProgress) -> None:
         failure = message.decoder.failure
+        if failure is None and message.hops.count > self.settings.config.limits.hops:
+            failure = too_many_hops(message.hops.count)
         if failure is not None:
             message.writer.abort()
             self._answer("END-OF-MESSAGE", failure)

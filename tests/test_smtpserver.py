@@ -685,6 +685,24 @@ class TestData:
             events
         )
 
+    def test_a_message_with_too_many_hops_is_refused(
+        self, server: Server
+    ) -> None:
+        """51 Received headers over the limit of 50: a loop, RFC 5321 6.3."""
+        session = server.connect()
+        session.start_data()
+        head = b"Received: from a by b; Thu, 3 Dec 2026 00:00:00 +0000\r\n" * 51
+        replies = session.send(head + b"Subject: loop\r\n\r\nbody\r\n.\r\n")
+        assert codes(replies) == ["554 5.4.6"]
+        assert server.is_empty()
+
+    def test_received_lines_in_the_body_are_not_hops(self, server: Server) -> None:
+        session = server.connect()
+        session.start_data()
+        body = b"Received: quoted in the body\r\n" * 60
+        replies = session.send(b"Subject: x\r\n\r\n" + body + b".\r\n")
+        assert codes(replies) == ["250 2.0.0"]
+
     def test_a_bare_lf_dot_does_not_end_data(self, server: Server) -> None:
         session = server.connect()
         session.start_data()
