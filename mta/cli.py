@@ -112,7 +112,7 @@ def _load(path: Path, check_tls: bool) -> Config | None:
 
 
 def _list(spool: Spool, as_json: bool) -> int:
-    envelopes = list(spool.envelopes())
+    envelopes, bad = spool.scan()
     if as_json:
         print(json.dumps([asdict(envelope) for envelope in envelopes], indent=2))
         return 0
@@ -123,7 +123,10 @@ def _list(spool: Spool, as_json: bool) -> int:
         for recipient in envelope.recipients:
             reason = f" ({recipient.reason})" if recipient.reason else ""
             print(f"    {recipient.state:<9} <{recipient.address}>{reason}")
-    print(f"-- {len(envelopes)} message(s) in {spool.queue}")
+    for problem in bad:
+        print(f"{problem.queue_id}  unreadable: {problem}")
+    print(f"-- {len(envelopes)} message(s) in {spool.queue}"
+          + (f", {len(bad)} unreadable" if bad else ""))
     return 0
 
 

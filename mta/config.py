@@ -10,6 +10,7 @@ the old one.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -190,6 +191,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if not math.isfinite(seconds) or seconds > 10 * 365 * 86400:
+        raise ValueError("a duration must be finite and at most ten years")
     return seconds
 
 
@@ -216,6 +219,8 @@ def parse_size(value: Any) -> int:
         size = int(match.group(1)) * _SIZE_UNITS[unit]
     if size <= 0:
         raise ValueError("a size must be above zero")
+    if size > 1024**4:
+        raise ValueError("a size must be at most 1TB")
     return size
 
 
@@ -526,6 +531,8 @@ def _parse(reader: _Reader, raw: Any) -> Config | None:
         top, "", "hostname", parse_hostname, default=_default_hostname()
     )
     spool = reader.path_value(top, "", "spool")
+    if spool is not None and spool.exists() and not spool.is_dir():
+        reader.problem("spool", "is not a folder", str(spool))
     tls = _parse_tls(reader, top.get("tls"))
     listeners = _parse_listeners(reader, top.get("listeners"))
     limits = _parse_limits(reader, top.get("limits"))
@@ -705,10 +712,14 @@ def _parse_recipients(
     if isinstance(raw, str):
         listed = reader.path_value(entry, key, "recipients")
         try:
-            lines = listed.read_text().splitlines() if listed else []
+            lines = listed.read_text("utf-8").splitlines() if listed else []
         except OSError as error:
             reader.problem(f"{key}.recipients", f"cannot read: {error.strerror}",
                            str(listed))
+            return None
+        except UnicodeDecodeError:
+            reader.problem(f"{key}.recipients", "is not a UTF-8 text file of "
+                           "addresses, one per line", str(listed))
             return None
         raw = [line.strip() for line in lines
                if line.strip() and not line.startswith("#")]

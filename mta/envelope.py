@@ -8,6 +8,7 @@ processes (the CLI, a second worker), so it carries a version number.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -112,15 +113,22 @@ class Envelope:
 def to_json(envelope: Envelope) -> bytes:
     data = asdict(envelope)
     data["version"] = FORMAT_VERSION
-    return json.dumps(data, indent=1, sort_keys=True).encode("utf-8") + b"\n"
+    text = json.dumps(data, indent=1, sort_keys=True, allow_nan=False)
+    return text.encode("utf-8") + b"\n"
 
 
 def from_json(data: bytes) -> Envelope:
-    """Parse an envelope; raise ValueError for anything that is not one."""
+    """Parse an envelope; raise ValueError for anything that is not one.
+
+    Every field's type is checked here, once: a spool file edited by hand
+    or damaged must be refused whole (and quarantined), never half-used by
+    the queue runner, where a wrong type would fail after a delivery."""
     try:
         raw = json.loads(data)
-        if raw.pop("version") != FORMAT_VERSION:
-            raise ValueError("unknown envelope format version")
+        _check(raw, _ENVELOPE, "envelope")
+        if raw["version"] != FORMAT_VERSION:
+            raise ValueError(f"unknown envelope format version {raw['version']!r}")
+        del raw["version"]
         client = raw.pop("client")
         recipients = raw.pop("recipients")
         return Envelope(
@@ -128,7 +136,8 @@ def from_json(data: bytes) -> Envelope:
             recipients=tuple(_recipient(item) for item in recipients),
             **raw,
         )
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
+    except (KeyError, TypeError, AttributeError, RecursionError,
+            UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"not a valid envelope: {error}") from None
 
 
@@ -142,3 +151,82 @@ def _recipient(raw: dict[str, Any]) -> Recipient:
         for item in raw.pop("history", ())
     )
     return Recipient(history=history, **raw)
+
+
+# --- the JSON form's types -------------------------------------------------
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _optional(check: Any) -> Any:
+    return lambda value: value is None or check(value)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _one_of(*choices: str) -> Any:
+    return lambda value: value in choices
+
+
+def _mapping(fields: dict[str, Any], name: str) -> Any:
+    def check(value: Any) -> bool:
+        _check(value, fields, name)
+        return True
+
+    return check
+
+
+def _list_of(check: Any) -> Any:
+    return lambda value: isinstance(value, list) and all(map(check, value))
+
+
+_TLS = _optional(_mapping(
+    {"protocol": _is_str, "cipher": _is_str, "bits": _optional(_is_int)}, "tls"))
+_ATTEMPT = {
+    "time": _is_number, "status": _one_of("sent", "deferred", "bounced"),
+    "dsn": _is_str, "reply": _is_str, "policy": _is_str,
+    "relay": _optional(_is_str), "tls": _TLS, "trust": _optional(_is_str),
+    "matched": _optional(_is_str), "rule": _optional(_is_str),
+    "fallback": _optional(_is_str), "connected": _is_bool,
+}
+_RECIPIENT = {
+    "address": _is_str, "state": _one_of(PENDING, DEFERRED, DELIVERED, FAILED),
+    "reason": _optional(_is_str), "dsn": _optional(_is_str),
+    "next_attempt": _optional(_is_number),
+    "history": _list_of(_mapping(_ATTEMPT, "attempt")),
+}
+_CLIENT = {"helo": _is_str, "host": _is_str, "address": _is_str,
+           "listener": _is_str, "tls": _TLS}
+_ENVELOPE = {
+    "version": _is_int, "queue_id": _is_str, "sender": _is_str,
+    "arrival": _is_number, "size": _is_int, "client": _mapping(_CLIENT, "client"),
+    "recipients": lambda value: isinstance(value, list) and len(value) > 0
+    and all(_mapping(_RECIPIENT, "recipient")(item) for item in value),
+    "body": _one_of("7BIT", "8BITMIME"), "hold": _is_bool,
+    "extra": lambda value: isinstance(value, dict),
+}
+
+
+def _check(raw: Any, fields: dict[str, Any], name: str) -> None:
+    if not isinstance(raw, dict):
+        raise TypeError(f"{name} is not an object")
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise KeyError(f"{name} has unknown fields {sorted(unknown)}")
+    for key, check in fields.items():
+        if key not in raw:
+            raise KeyError(f"{name} lacks {key}")
+        if not check(raw[key]):
+            raise TypeError(f"{name}.{key} has a bad value {raw[key]!r}")

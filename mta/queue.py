@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from dataclasses import replace
 from typing import Callable
 
 from twisted.internet import threads
@@ -80,11 +81,29 @@ class QueueRunner:
         self._pump()
 
     def scan(self) -> None:
-        for envelope in self.spool.envelopes():
+        # Whatever one spool file holds, the scan goes on: it is what finds
+        # every other message (a LoopingCall stops for good on an error).
+        try:
+            envelopes, bad = self.spool.scan()
+        except OSError as error:
+            log_event("error", f"spool: cannot scan {self.spool.queue}: "
+                      f"{error.strerror}; retrying in {SCAN_INTERVAL:g}s",
+                      "spool-scan")
+            return
+        for problem in bad:
+            if problem.queue_id not in self._active:
+                self._quarantine(problem)
+        for envelope in envelopes:
             due = _next_due(envelope, self.clock())
             if due is not None and envelope.queue_id not in self._active:
                 self._schedule(envelope.queue_id, due)
         self._pump()
+
+    def _quarantine(self, problem: SpoolError) -> None:
+        self.spool.quarantine(problem.queue_id)
+        log_event("error", f"{problem.queue_id}: moved to {self.spool.corrupt}: "
+                  f"{problem}; it will not be delivered until an operator "
+                  "repairs it", "spool-corrupt", queue_id=problem.queue_id)
 
     def _schedule(self, queue_id: str, due: float) -> None:
         if self._scheduled.get(queue_id, float("inf")) <= due:
@@ -141,20 +160,33 @@ class QueueRunner:
             if not envelope.is_done:
                 envelope = await self._deliver(envelope)
             await self._finish(envelope)
+        except Exception:
+            log.failure("{queue_id}: internal error while delivering; the "
+                        "message is put on hold", queue_id=queue_id)
+            self._hold_after_error(queue_id)
         finally:
             lock.release()
 
+    def _hold_after_error(self, queue_id: str) -> None:
+        # An error we did not foresee may strike again after the next
+        # delivery, before its result is saved: holding the message keeps
+        # it from going out again and again.  The operator releases it.
+        try:
+            envelope = self.spool.load(queue_id)
+            self.spool.save(replace(envelope, hold=True))
+        except (OSError, SpoolError):
+            pass
+
     def _load(self, queue_id: str) -> Envelope | None:
         try:
-            return self.spool.load(queue_id)
+            envelope = self.spool.load(queue_id)
+            self.spool.check_message(envelope)
         except FileNotFoundError:
             return None
         except SpoolError as error:
-            self.spool.quarantine(queue_id)
-            log_event("error", f"{queue_id}: unreadable envelope moved to "
-                      f"{self.spool.corrupt}: {error}", "spool-corrupt",
-                      queue_id=queue_id)
+            self._quarantine(error)
             return None
+        return envelope
 
     async def _deliver(self, envelope: Envelope) -> Envelope:
         now = self.clock()

@@ -36,7 +36,11 @@ from mta.envelope import Envelope, from_json, to_json
 
 
 class SpoolError(Exception):
-    pass
+    """A spool file that cannot be used; ``queue_id`` names the message."""
+
+    def __init__(self, message: str, queue_id: str = "") -> None:
+        super().__init__(message)
+        self.queue_id = queue_id or message.split(":", 1)[0]
 
 
 class Locked(SpoolError):
@@ -123,11 +127,43 @@ class Spool:
             raise SpoolError(f"{queue_id}: {error}") from None
 
     def envelopes(self) -> Iterator[Envelope]:
+        """Every readable envelope (see `scan` for the unreadable ones)."""
         for queue_id in self.queue_ids():
             try:
                 yield self.load(queue_id)
             except (FileNotFoundError, SpoolError):
                 continue
+
+    def scan(self) -> tuple[list[Envelope], list[SpoolError]]:
+        """Every committed message: the envelopes, and a `SpoolError` for
+        each one that cannot be used (unreadable envelope, missing or
+        short message file)."""
+        envelopes, bad = [], []
+        for queue_id in self.queue_ids():
+            try:
+                envelope = self.load(queue_id)
+                self.check_message(envelope)
+            except FileNotFoundError:
+                continue  # removed while we looked
+            except SpoolError as error:
+                bad.append(error)
+                continue
+            envelopes.append(envelope)
+        return envelopes, bad
+
+    def check_message(self, envelope: Envelope) -> None:
+        """Raise `SpoolError` unless the message file is there, whole: its
+        size is recorded in the envelope when it is committed."""
+        queue_id = envelope.queue_id
+        try:
+            size = self.message_path(queue_id).stat().st_size
+        except FileNotFoundError:
+            if self.envelope_path(queue_id).exists():
+                raise SpoolError(f"{queue_id}: message file is missing") from None
+            raise
+        if size != envelope.size:
+            raise SpoolError(f"{queue_id}: message file has {size} bytes, the "
+                             f"envelope says {envelope.size}")
 
     def save(self, envelope: Envelope) -> None:
         """Replace the envelope durably (temporary file, fsync, rename,

@@ -857,3 +857,25 @@ def test_a_key_given_twice_is_refused_with_file_and_line(folder: Path) -> None:
     assert problem.startswith(f"{path}: not valid YAML")
     assert "'hostname' is given twice" in problem
     assert f'in "{path}", line' in problem
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "100000d"])
+def test_a_duration_must_be_finite(folder: Path, value: str) -> None:
+    path = folder / "mta.yaml"
+    path.write_text(yaml.safe_dump(base_config(), sort_keys=False)
+                    + f"limits: {{idle_timeout: {value}}}\n")
+    assert_reported(problems_of(path), path, "limits.idle_timeout")
+
+
+def test_a_spool_that_is_a_file_is_refused(folder: Path) -> None:
+    (folder / "spool").write_text("not a folder")
+    path = write(folder, base_config())
+    assert_reported(problems_of(path), path, "spool: is not a folder")
+
+
+def test_a_binary_recipients_file_is_refused(folder: Path) -> None:
+    (folder / "users.bin").write_bytes(b"\xff\xfe\x00garbage")
+    path = write(folder, changed(("domains", "example.com", "recipients"),
+                                 "users.bin"))
+    assert_reported(problems_of(path), path, "domains.example.com.recipients",
+                    "is not a UTF-8 text file")

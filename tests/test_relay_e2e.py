@@ -336,3 +336,28 @@ def test_accepted_log_line_and_spooled_tls_facts(world: World) -> None:
         r"dsn=2\.\d\.\d status=sent \(250 ",
         delivered,
     ), delivered
+
+
+def test_a_damaged_spool_file_is_quarantined_and_the_queue_goes_on(
+    world: World,
+) -> None:
+    peer = world.peer(smtppeer.plain, "127.0.0.24")
+    world.mx("dest.test", (10, "mx.dest.test", "127.0.0.24"))
+    relay = world.start(delivery={"retry_schedule": ["1h"]})
+    # One message waits (its first attempt is over); then damage it, as a
+    # bad disk or a hand edit would, and queue a good one behind it.
+    world.dns.servfail.add("later.test")
+    waiting = relay.submit("alice@org.test", ["bob@later.test"], MESSAGE)
+    relay.wait_for_envelope(lambda e: e.queue_id == waiting
+                            and e.recipients[0].state == "deferred")
+    path = relay.spool.envelope_path(waiting)
+    path.write_text(path.read_text().replace('"arrival": ', '"arrival": "x", "y": '))
+
+    good = relay.submit("alice@org.test", ["bob@dest.test"], MESSAGE)
+
+    assert peer.wait_for(1, timeout=15)[0].rcpt_tos == ("bob@dest.test",)
+    line = relay.wait_for_log(f"{waiting}: moved to ", timeout=20)
+    assert "not a valid envelope" in line
+    assert sorted(p.name for p in relay.spool.corrupt.iterdir()) == [
+        f"{waiting}.env", f"{waiting}.msg"]
+    assert relay.wait_for_log(f"{good}: removed")

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -339,3 +340,66 @@ def test_a_message_whose_envelope_is_gone_cannot_be_locked(
     spool.envelope_path(queue_id).unlink()
     with pytest.raises(FileNotFoundError):
         spool.lock(queue_id)
+
+
+BAD_FIELDS = [
+    # (path into the JSON form, bad value)
+    (("arrival",), "yesterday"),
+    (("arrival",), None),
+    (("size",), -1),
+    (("size",), "12"),
+    (("hold",), "no"),
+    (("body",), "BINARYMIME"),
+    (("recipients",), []),
+    (("recipients", 0, "state"), "sent"),
+    (("recipients", 0, "next_attempt"), "soon"),
+    (("recipients", 0, "address"), 7),
+    (("client", "tls"), "TLSv1.3"),
+    (("client", "unknown"), 1),
+]
+
+
+@pytest.mark.parametrize("where, value", BAD_FIELDS,
+                         ids=["/".join(map(str, w)) + f"={v!r}"
+                              for w, v in BAD_FIELDS])
+def test_an_envelope_with_a_bad_field_is_refused_whole(
+    where: tuple[object, ...], value: object
+) -> None:
+    """A wrong type must never reach the queue runner, where it would fail
+    after the delivery, before the result is saved."""
+    import json
+
+    data = json.loads(env.to_json(sample()))
+    target = data
+    for step in where[:-1]:
+        target = target[step]
+    target[where[-1]] = value
+
+    with pytest.raises(ValueError, match="not a valid envelope"):
+        env.from_json(json.dumps(data).encode())
+
+
+def committed(spool: Spool) -> str:
+    writer = spool.new_message()
+    writer.write(b"Subject: hi\r\n\r\nhello\r\n")
+    writer.commit(replace(sample(writer.queue_id), size=writer.size))
+    return writer.queue_id
+
+
+def test_scan_reports_unreadable_and_short_messages(spool: Spool) -> None:
+    good = committed(spool)
+    garbage = committed(spool)
+    spool.envelope_path(garbage).write_bytes(b"\x00\xff not json")
+    short = committed(spool)
+    path = spool.message_path(short)
+    path.write_bytes(path.read_bytes()[:5])
+    missing = committed(spool)
+    spool.message_path(missing).unlink()
+
+    envelopes, bad = spool.scan()
+
+    assert [e.queue_id for e in envelopes] == [good]
+    assert sorted(problem.queue_id for problem in bad) == sorted(
+        [garbage, short, missing])
+    assert any("message file has 5 bytes" in str(p) for p in bad)
+    assert any("message file is missing" in str(p) for p in bad)
