@@ -29,7 +29,19 @@ from mta.smtpclient import (
     TLSSession,
     Transaction,
 )
-from mta.tlsverdict import judge_trust, reference_names, secure_refusal
+from mta.tlsverdict import (
+    ESTABLISHED,
+    FALLBACK_CANDIDATE,
+    HANDSHAKE_FAILED,
+    NOT_OFFERED,
+    PASS_OVER,
+    REFUSED,
+    judge_trust,
+    reference_names,
+    required_by,
+    secure_refusal,
+    verdict,
+)
 
 ENFORCED = ("enforce-tls", "enforce-secure")
 
@@ -115,7 +127,8 @@ class Deliverer:
             )
             if not result.failed_before_recipients:
                 return self._results(group, target, result, None)
-            if result.tls_failure and passed_over is None:
+            if (passed_over is None and
+                    verdict(level, _tls_outcome(result)) == FALLBACK_CANDIDATE):
                 passed_over = (target, result)
             last = (target, result)
 
@@ -148,18 +161,21 @@ class Deliverer:
         names = self._names(group, target)
 
         def check_tls(session: TLSSession) -> str | None:
-            verdict = judge_trust(session.peer_certificate,
-                                  session.verify_error, names)
-            return secure_refusal(verdict, target.name, names,
-                                  session.verify_reason)
+            # The verdict is taken in the handshake, before EHLO or MAIL.
+            trust = judge_trust(session.peer_certificate,
+                                session.verify_error, names)
+            if verdict(level, ESTABLISHED, trust.trust) != PASS_OVER:
+                return None
+            refusal = secure_refusal(trust, target.name, names,
+                                     session.verify_reason)
+            return f"{required_by(level, group.policy.rule)}: {refusal}"
 
-        timeouts = self.config.delivery.timeouts
         return ClientSettings(
             helo=self.config.hostname,
             tls_context=self.tls_context if level != "none" else None,
             starttls=level != "none",
-            require_tls=level in ENFORCED,
-            timeouts=timeouts,
+            require_tls=verdict(level, NOT_OFFERED) == PASS_OVER,
+            timeouts=self.config.delivery.timeouts,
             check_tls=check_tls if level == "enforce-secure" else None,
             transcript=self.config.log_transcript,
         )
@@ -233,11 +249,34 @@ class Deliverer:
     ) -> Attempt:
         failure = result.failure
         assert failure is not None
-        if failure.reply is not None and failure.reply.is_permanent:
+        reason = failure.reason
+        level = group.policy.level
+        if level in ENFORCED and failure.stage in TLS_STAGES:
+            # Never a bounce on the server's word here: the policy refused
+            # the host, and the next attempt may find a good one.
+            status, dsn = outcomes.DEFERRED, _deferral_dsn(result)
+            if failure.stage != "TLS policy":  # that reason already says so
+                reason = f"{required_by(level, group.policy.rule)}: {reason}"
+        elif failure.reply is not None and failure.reply.is_permanent:
             status, dsn = outcomes.BOUNCED, failure.reply.dsn
         else:
             status, dsn = outcomes.DEFERRED, _deferral_dsn(result)
-        return self._attempt(group, status, dsn, failure.reason, target, result)
+        return self._attempt(group, status, dsn, reason, target, result)
+
+
+TLS_STAGES = ("STARTTLS", "TLS handshake", "TLS policy")
+
+
+def _tls_outcome(result: SessionResult) -> str:
+    """What the TLS part of a session came to, from the client's facts."""
+    if result.tls is not None:
+        return ESTABLISHED
+    if result.tls_failure is None:
+        return NOT_OFFERED
+    failure = result.failure
+    if failure is not None and failure.stage == "STARTTLS":
+        return REFUSED
+    return HANDSHAKE_FAILED
 
 
 def _connected(result: SessionResult) -> bool:
@@ -264,9 +303,9 @@ def _deferral_dsn(result: SessionResult) -> str:
 
 
 def _fallback_reason(result: SessionResult) -> str:
-    failure = result.failure
-    stage = failure.stage if failure is not None else "TLS"
-    return "starttls-refused" if stage == "STARTTLS" else "tls-handshake-failed"
+    if _tls_outcome(result) == REFUSED:
+        return "starttls-refused"
+    return "tls-handshake-failed"
 
 
 def _awaiting_fallback(attempt: Attempt, due: float | None) -> Attempt:

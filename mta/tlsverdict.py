@@ -100,3 +100,45 @@ def secure_refusal(
                 f"{verify_reason or 'chain did not verify'}")
     return (f"certificate of {host_name} does not name "
             + " or ".join(names))
+
+
+# --- the verdict on one host -------------------------------------------------
+
+# What the TLS part of a session came to.
+NOT_OFFERED = "not-offered"  # the server's EHLO has no STARTTLS
+REFUSED = "refused"  # STARTTLS answered with something other than 220
+HANDSHAKE_FAILED = "handshake-failed"
+ESTABLISHED = "established"
+
+# What the relay does with that host.
+DELIVER = "deliver"
+PASS_OVER = "pass-over"  # try the next host; never plaintext here
+FALLBACK_CANDIDATE = "fallback-candidate"  # pass over; plaintext may follow
+
+
+def verdict(level: str, outcome: str, trust: str | None = None) -> str:
+    """SPEC.md section 2's table: the level against what the host showed.
+
+    ``none`` never tries STARTTLS, so every host it reaches is delivered
+    to.  ``opportunistic`` delivers in plaintext when STARTTLS is not
+    offered, and passes over a host whose STARTTLS or handshake fails (the
+    plaintext fallback may come back to it).  The enforce levels pass over
+    any host without a TLS session; ``enforce-secure`` also any host whose
+    certificate is not Verified."""
+    if level == "none":
+        return DELIVER
+    if outcome == NOT_OFFERED:
+        return DELIVER if level == "opportunistic" else PASS_OVER
+    if outcome in (REFUSED, HANDSHAKE_FAILED):
+        return FALLBACK_CANDIDATE if level == "opportunistic" else PASS_OVER
+    if level == "enforce-secure" and trust != VERIFIED:
+        return PASS_OVER
+    return DELIVER
+
+
+def required_by(level: str, rule: str | None) -> str:
+    """Who asked for TLS, for the operator: ``TLS required by rule partner``
+    or ``... by the default outbound policy``."""
+    words = {"enforce-tls": "TLS", "enforce-secure": "a verified certificate"}
+    who = f"rule {rule}" if rule else "the default policy"
+    return f"{words.get(level, 'TLS')} required by {who} ({level})"

@@ -63,6 +63,11 @@ def host_session(kind: str, target: Target, settings: ClientSettings) -> (
     if not settings.starttls:  # every other kind speaks plaintext fine
         return delivered(None)
     if kind == "tls-ok":
+        refusal = settings.check_tls(TLS) if settings.check_tls else None
+        if refusal is not None:  # as the client does, in the handshake
+            return SessionResult(
+                target, failure=SessionFailure("TLS policy", None, refusal),
+                starttls_offered=True, tls=TLS)
         return delivered(TLS)
     if kind == "handshake-fails":
         return failed("TLS handshake", None, "lost connection in handshake")
@@ -167,6 +172,12 @@ CASES = [
      [("mx1", True)], "deferred", "mx1", False, None, "4.7.5"),
     (["no-starttls", "tls-ok"], "enforce-tls", "plaintext", "0s", 0,
      [("mx1", True), ("mx2", True)], "sent", "mx2", True, None, "2.0.0"),
+    # enforce-secure: a session without a certificate is refused in the
+    # handshake (real certificates: test_policy_matrix.py)
+    (["tls-ok"], "enforce-secure", "plaintext", "0s", 9999,
+     [("mx1", True)], "deferred", "mx1", True, None, "4.7.4"),
+    (["no-starttls"], "enforce-secure", "plaintext", "0s", 9999,
+     [("mx1", True)], "deferred", "mx1", False, None, "4.7.4"),
     # only the last host's outcome decides
     (["554", "refused"], "opportunistic", "plaintext", "0s", 0,
      [("mx1", True), ("mx2", True)], "deferred", "mx2", False, None, "4.4.1"),
@@ -211,3 +222,20 @@ def test_fallback_delivery_is_not_limited_in_time(tmp_path: Path) -> None:
     result, _ = deliver(tmp_path, ["handshake-fails"], delay="10m", age=601)
 
     assert result.not_after is None
+
+
+def test_an_enforcement_failure_says_which_rule_wanted_what(tmp_path: Path) -> None:
+    result, _ = deliver(tmp_path, ["tls-ok"], level="enforce-secure")
+
+    reply = result.attempts[RCPT].reply
+    assert reply.startswith(
+        "a verified certificate required by the default policy "
+        "(enforce-secure): mx1.dest.test presented no certificate"), reply
+
+
+def test_a_missing_starttls_under_enforce_tls_says_so(tmp_path: Path) -> None:
+    result, _ = deliver(tmp_path, ["no-starttls"], level="enforce-tls")
+
+    reply = result.attempts[RCPT].reply
+    assert reply.startswith(
+        "TLS required by the default policy (enforce-tls): "), reply

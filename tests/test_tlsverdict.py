@@ -15,6 +15,13 @@ from cryptography.x509.oid import NameOID
 
 from mta.tlsverdict import (
     ANONYMOUS,
+    DELIVER,
+    ESTABLISHED,
+    FALLBACK_CANDIDATE,
+    HANDSHAKE_FAILED,
+    NOT_OFFERED,
+    PASS_OVER,
+    REFUSED,
     TRUSTED,
     UNTRUSTED,
     VERIFIED,
@@ -22,7 +29,9 @@ from mta.tlsverdict import (
     judge_trust,
     matching_name,
     reference_names,
+    required_by,
     secure_refusal,
+    verdict,
 )
 
 # --- reference names -------------------------------------------------------
@@ -209,3 +218,37 @@ def test_secure_refusal(
 ) -> None:
     names = ("example.com", "mx.provider.example")
     assert secure_refusal(verdict, "mx1.example.com", names, reason) == refusal
+
+
+# --- the verdict table: every level against every kind of handshake outcome
+
+_D, _P, _F = DELIVER, PASS_OVER, FALLBACK_CANDIDATE
+# outcome (trust) ->     none opportunistic enforce-tls enforce-secure
+VERDICTS = {
+    (NOT_OFFERED, None): (_D, _D, _P, _P),
+    (REFUSED, None): (_D, _F, _P, _P),
+    (HANDSHAKE_FAILED, None): (_D, _F, _P, _P),
+    (ESTABLISHED, "Anonymous"): (_D, _D, _D, _P),
+    (ESTABLISHED, "Untrusted"): (_D, _D, _D, _P),
+    (ESTABLISHED, "Trusted"): (_D, _D, _D, _P),
+    (ESTABLISHED, "Verified"): (_D, _D, _D, _D),
+}
+LEVEL_ORDER = ("none", "opportunistic", "enforce-tls", "enforce-secure")
+
+
+@pytest.mark.parametrize(
+    "outcome, trust, level, expected",
+    [(outcome, trust, level, row[i])
+     for (outcome, trust), row in VERDICTS.items()
+     for i, level in enumerate(LEVEL_ORDER)],
+)
+def test_verdict_table(outcome: str, trust: str | None, level: str,
+                       expected: str) -> None:
+    assert verdict(level, outcome, trust) == expected
+
+
+def test_required_by_names_the_rule_or_the_default() -> None:
+    assert required_by("enforce-tls", "partner") == (
+        "TLS required by rule partner (enforce-tls)")
+    assert required_by("enforce-secure", None) == (
+        "a verified certificate required by the default policy (enforce-secure)")
