@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         "check-config": check_config,
         "make-cert": make_cert,
         "queue": queue_command,
+        "policy": policy_command,
     }[args.command]
     return handler(config_path, args)
 
@@ -56,6 +57,19 @@ def _parser() -> argparse.ArgumentParser:
                                      help="one message, with its history")
     show.add_argument("queue_id")
     show.add_argument("--json", action="store_true", help="JSON output")
+    policy = commands.add_parser("policy", parents=[config], help="TLS policy")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    explain = policy_commands.add_parser(
+        "explain", parents=[config],
+        help="which rule and level apply to a recipient, and what a "
+        "certificate must name",
+    )
+    explain.add_argument("recipient")
+    explain.add_argument(
+        "--probe", action="store_true",
+        help="also connect to each server now: what it offers, and whether "
+        "each level would deliver to it (sends no mail)",
+    )
     return parser
 
 
@@ -101,6 +115,22 @@ def queue_command(path: Path, args: argparse.Namespace) -> int:
     if args.queue_command == "show":
         return _show(spool, args.queue_id, args.json)
     return _list(spool, args.json)
+
+
+def policy_command(path: Path, args: argparse.Namespace) -> int:
+    from mta.explain import explain, probe_lines
+
+    config = _load(path, check_tls=True)
+    if config is None:
+        return 1
+    if "@" not in args.recipient:
+        print(f"mta: {args.recipient!r} is not an address (local@domain)",
+              file=sys.stderr)
+        return 1
+    print("\n".join(explain(config, args.recipient)))
+    if args.probe:
+        print("\n".join(probe_lines(config, args.recipient)))
+    return 0
 
 
 def _load(path: Path, check_tls: bool) -> Config | None:

@@ -1,0 +1,93 @@
+"""`mta policy explain RECIPIENT [--probe]` against real peers and a DNS
+responder on loopback, run as an operator runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from tests.peers import certs, smtppeer
+from tests.peers.dnsserver import DNSServer
+from tests.peers.smtppeer import Peer
+
+
+@pytest.fixture
+def peers() -> Iterator[list[Peer]]:
+    started: list[Peer] = []
+    yield started
+    for peer in started:
+        peer.stop()
+
+
+def write_config(tmp_path: Path, relay_cert: Any, dns: DNSServer,
+                 mx_port: int) -> Path:
+    trust = certs.write_ca_file(certs.trusted_ca(), tmp_path / "ca.pem")
+    path = tmp_path / "mta.yaml"
+    path.write_text(yaml.safe_dump({
+        "hostname": "relay.test",
+        "spool": str(tmp_path / "spool"),
+        "tls": {"certificate": str(relay_cert.chain),
+                "private_key": str(relay_cert.key), "trust": str(trust)},
+        "listeners": [{"name": "mx", "address": "127.0.0.1", "port": 2525,
+                       "role": "inbound"}],
+        "dns": {"nameservers": [f"127.0.0.1:{dns.port}"]},
+        "delivery": {"port": mx_port},
+        "policies": [{"name": "partner", "direction": "outbound",
+                      "recipient_domain": "secure.test",
+                      "tls": "enforce-secure"}],
+    }))
+    return path
+
+
+def explain(path: Path, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "mta", "--config", str(path), "policy",
+         "explain", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_explain_names_the_rule_and_what_a_certificate_must_name(
+    tmp_path: Path, relay_cert: Any, dns: DNSServer, mx_port: int
+) -> None:
+    path = write_config(tmp_path, relay_cert, dns, mx_port)
+
+    text = explain(path, "bob@secure.test")
+    other = explain(path, "bob@elsewhere.test")
+
+    assert "policy:     enforce-secure (from rule partner)" in text
+    assert "certificate must name one of: secure.test" in text
+    assert "policy:     opportunistic (from defaults.outbound)" in other
+
+
+def test_probe_reports_what_each_server_offers_and_each_level(
+    tmp_path: Path, relay_cert: Any, dns: DNSServer, mx_port: int,
+    peers: list[Peer],
+) -> None:
+    leaf = certs.issue_server_cert("mx.secure.test")
+    peers.append(smtppeer.tls13("127.0.0.31", mx_port, leaf=leaf))
+    peers.append(smtppeer.plain("127.0.0.32", mx_port))
+    dns.set("secure.test", "MX", ["10 mx.secure.test.", "20 mx2.secure.test."])
+    dns.set("mx.secure.test", "A", ["127.0.0.31"])
+    dns.set("mx2.secure.test", "A", ["127.0.0.32"])
+    path = write_config(tmp_path, relay_cert, dns, mx_port)
+
+    text = explain(path, "bob@secure.test", "--probe")
+
+    first, second = text.split("mx2.secure.test[127.0.0.32]")
+    assert "mx.secure.test[127.0.0.31]" in first
+    assert "tls: TLSv1.3/" in first
+    assert "certificate names: mx.secure.test" in first
+    assert "trust: Verified; matched mx.secure.test" in first
+    assert ("would deliver: none=yes, opportunistic=yes, enforce-tls=yes, "
+            "enforce-secure=yes") in first
+    assert "not-offered (STARTTLS not offered)" in second
+    assert ("would deliver: none=yes, opportunistic=yes, enforce-tls=no, "
+            "enforce-secure=no") in second
+    # A probe sends no mail.
+    assert all(not p.messages for p in peers)
