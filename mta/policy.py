@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from mta.config import Config, Policy
 from mta.nexthop import domain_of
+from mta.relaycontrol import canonical_address
 
 INBOUND = "inbound"
 OUTBOUND = "outbound"
@@ -43,10 +44,11 @@ def choose_policy(config: Config, recipient: str) -> PolicyChoice:
 
 def rule_matches(rule: Policy, recipient: str) -> bool:
     if rule.recipient is not None:
-        # The rule's address was normalised as the config was read: the
-        # domain lower-case and without a trailing dot; do the same here.
-        local = recipient.rpartition("@")[0]
-        return f"{local.lower()}@{domain_of(recipient)}" == rule.recipient
+        # Both sides in canonical form, so "ceo", "c\eo" and ceo are one
+        # mailbox (RFC 5321 4.1.2) whichever side wrote the quotes; then
+        # compared case-insensitively, as SPEC.md section 3 says.
+        wanted = canonical_address(rule.recipient).lower()
+        return canonical_address(recipient).lower() == wanted
     assert rule.recipient_domain is not None
     return domain_matches(rule.recipient_domain, domain_of(recipient))
 

@@ -14,6 +14,10 @@ The relay rules (SPEC.md section 6, "No open relay"):
   address inside the listener's ``networks``.  A recipient in one of our own
   domains must still pass that domain's recipient list, as Postfix does
   with ``smtpd_reject_unlisted_recipient`` even for ``mynetworks``.
+
+Addresses are put in one canonical form as they are parsed (see
+`canonical_address`), so the duplicate check, the recipient lists and the
+policy rules all compare the same string.
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ _PATH = re.compile(
     rf"@(?P<domain>{_DOMAIN}|{_LITERAL})>"
 )
 _PLAIN_LOCAL = re.compile(_DOT_STRING)
+# RFC 5321 4.1.1.3: the one path that needs no domain.
+_BARE_POSTMASTER = re.compile(r"<postmaster>", re.IGNORECASE)
+# Valid only with SMTPUTF8, which we do not offer, or never valid at all.
+_NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]")
 _PARAMETER = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?")
 
 # RFC 5321 4.5.3.1: the limits a server must accept, and may enforce.
@@ -52,8 +60,9 @@ BODY_TYPES = ("7BIT", "8BITMIME")
 
 @dataclass(frozen=True, slots=True)
 class Mailbox:
-    """An address as the client wrote it, source route dropped; ``local``
-    keeps its quotes when it had them."""
+    """An address in canonical form, source route dropped: ``local``
+    keeps its case, and its quotes only when it needs them; ``domain`` is
+    lower-case unless it is an address literal."""
 
     local: str
     domain: str
@@ -78,6 +87,16 @@ RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
 # RFC 3463: X.1.7 is a bad sender address, X.1.3 a bad recipient address.
 BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+UNRELAYABLE_SENDER = Reply(
+    501,
+    "5.1.7",
+    "Bad sender address: <, >, control and non-ASCII characters cannot be relayed",
+)
+UNRELAYABLE_RECIPIENT = Reply(
+    501,
+    "5.1.3",
+    "Bad recipient address: <, >, control and non-ASCII characters cannot be relayed",
+)
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 BAD_SIZE = Reply(501, "5.5.4", "Bad SIZE parameter syntax")
 BAD_BODY = Reply(501, "5.5.4", "Bad BODY parameter: expected 7BIT or 8BITMIME")
@@ -108,22 +127,26 @@ def parse_mail(argument: str, limits: Limits) -> MailRequest | Reply:
     if path == "<>" or path.startswith("<> "):
         sender, rest = None, path[2:]
     else:
-        parsed = _split_path(path)
-        if parsed is None:
-            return BAD_SENDER
+        parsed = _relayable_path(path, BAD_SENDER, UNRELAYABLE_SENDER)
+        if isinstance(parsed, Reply):
+            return parsed
         sender, rest = parsed
     return _mail_parameters(sender, rest, limits)
 
 
-def parse_rcpt(argument: str) -> Mailbox | Reply:
+def parse_rcpt(argument: str, postmaster_domain: str | None = None) -> Mailbox | Reply:
     """``TO:<address> [parameters]`` -> the recipient, or the error reply.
-    No RCPT parameter is supported yet (no DSN): any is refused."""
+    A bare ``<Postmaster>`` is qualified with ``postmaster_domain``, and
+    refused when there is none.  No RCPT parameter is supported yet (no
+    DSN): any is refused."""
     path = _after_keyword(argument, "TO:")
     if path is None:
         return RCPT_SYNTAX
-    parsed = _split_path(path)
-    if parsed is None:
-        return BAD_RECIPIENT
+    parsed = _bare_postmaster(path, postmaster_domain) or _relayable_path(
+        path, BAD_RECIPIENT, UNRELAYABLE_RECIPIENT
+    )
+    if isinstance(parsed, Reply):
+        return parsed
     recipient, rest = parsed
     for keyword, _ in _parameters(rest):
         return unsupported_parameter(keyword)
@@ -138,18 +161,53 @@ def _after_keyword(argument: str, keyword: str) -> str | None:
     return argument[len(keyword) :].lstrip(" ")
 
 
+def _relayable_path(
+    text: str, bad: Reply, unrelayable: Reply
+) -> tuple[Mailbox, str] | Reply:
+    """`_split_path`, or ``unrelayable`` for an address the relay could
+    not hand on, or ``bad`` for one that is not an address."""
+    parsed = _split_path(text)
+    if parsed is None:
+        # Control and non-ASCII characters are never valid without
+        # SMTPUTF8: say what is wrong rather than just "syntax".
+        return unrelayable if _NOT_PRINTABLE_ASCII.search(text) else bad
+    # "<" and ">" are valid in a quoted local part, but mta.smtpclient
+    # refuses to send them on: the message would stay in the queue for
+    # ever, so it is refused while the client can still be told.
+    if "<" in parsed[0].local or ">" in parsed[0].local:
+        return unrelayable
+    return parsed
+
+
 def _split_path(text: str) -> tuple[Mailbox, str] | None:
     """A path at the start of ``text`` and what follows it (parameters)."""
     match = _PATH.match(text)
     if match is None:
         return None
-    rest = text[match.end() :]
-    if rest and not rest.startswith(" "):
+    rest = _parameters_after(text, match.end())
+    if rest is None:
         return None
     local, domain = match.group("local"), match.group("domain")
     if not _within_limits(local, domain) or not _valid_literal(domain):
         return None
-    return Mailbox(local, domain), rest
+    return Mailbox(_unquoted(local), _canonical_domain(domain)), rest
+
+
+def _bare_postmaster(text: str, domain: str | None) -> tuple[Mailbox, str] | None:
+    """RFC 5321 4.5.1: ``<Postmaster>`` without a domain must be taken;
+    it is the postmaster of ``domain``."""
+    match = _BARE_POSTMASTER.match(text)
+    if match is None or domain is None:
+        return None
+    rest = _parameters_after(text, match.end())
+    return None if rest is None else (Mailbox("postmaster", domain), rest)
+
+
+def _parameters_after(text: str, end: int) -> str | None:
+    """What follows a path that ends at ``end``: nothing, or parameters
+    after a space; None when the path runs on into other text."""
+    rest = text[end:]
+    return rest if not rest or rest.startswith(" ") else None
 
 
 def _within_limits(local: str, domain: str) -> bool:
@@ -243,6 +301,13 @@ def recipient_verdict(
             f"<{recipient}>: Recipient address rejected: "
             "not a domain we accept mail for",
         )
+    if listener.role == "inbound" and _routes_elsewhere(local):
+        return Reply(
+            550,
+            "5.7.1",
+            f"<{recipient}>: Relay access denied: "
+            "sender-specified routing is not accepted",
+        )
     if known.recipients is None or _is_listed(local, known.name, known.recipients):
         return None
     return Reply(
@@ -261,11 +326,53 @@ def _is_listed(local: str, domain: str, listed: frozenset[str]) -> bool:
     return plain == "postmaster" or f"{plain}@{domain}" in listed
 
 
+def _routes_elsewhere(local: str) -> bool:
+    """``user%site``, ``site!user`` or ``"user@site"``: the sender asks the
+    server that takes the mail to relay it on.  Postfix refuses this from
+    untrusted clients (``allow_untrusted_routing = no``); we would send it
+    as it is to ``relay_to``, whose own rules might relay it anywhere."""
+    return any(char in _local_content(local) for char in "%!@")
+
+
+def postmaster_domain(config: Config) -> str | None:
+    """The domain that qualifies a bare ``<Postmaster>``: the first of
+    ``domains``.  Postfix appends $myorigin, but our ``hostname`` is no
+    domain we accept mail for, so its postmaster would be refused; the first
+    domain's postmaster is one an inbound listener always takes."""
+    return next(iter(config.domains), None)
+
+
+# --- one form for one mailbox ----------------------------------------------
+
+
+def canonical_address(address: str) -> str:
+    """The one form of ``address`` that every comparison uses.
+
+    RFC 5321 4.1.2: a quoted local part and its unquoted form are the same
+    mailbox, so ``"ceo"`` and ``"c\\eo"`` are written ``ceo``; quotes stay
+    only where they are needed.  The local part keeps its case (2.4); the
+    domain is lower-case and without a trailing dot."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address
+    return f"{_unquoted(local)}@{_canonical_domain(domain)}"
+
+
+def _canonical_domain(domain: str) -> str:
+    # An address literal is kept as written: its tag reads "IPv6".
+    return domain if domain.startswith("[") else domain.lower().rstrip(".")
+
+
 def _unquoted(local: str) -> str:
-    if not local.startswith('"'):
-        return local
-    inner = re.sub(r"\\(.)", r"\1", local[1:-1])
+    inner = _local_content(local)
     return inner if _PLAIN_LOCAL.fullmatch(inner) else local
+
+
+def _local_content(local: str) -> str:
+    """A quoted local part without its quotes and backslashes."""
+    if len(local) < 2 or not local.startswith('"') or not local.endswith('"'):
+        return local
+    return re.sub(r"\\(.)", r"\1", local[1:-1])
 
 
 def recipient_limit(limits: Limits, accepted: int) -> Reply | None:

@@ -47,6 +47,7 @@ from mta.relaycontrol import (
     TOO_BIG,
     parse_mail,
     parse_rcpt,
+    postmaster_domain,
     recipient_limit,
     recipient_verdict,
 )
@@ -540,7 +541,7 @@ class RelayServer(smtp.ESMTP):
         transaction = self._transaction
         if transaction is None:
             return NEED_MAIL
-        recipient = parse_rcpt(argument)
+        recipient = parse_rcpt(argument, postmaster_domain(self.settings.config))
         if isinstance(recipient, Reply):
             return recipient
         address = str(recipient)

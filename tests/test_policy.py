@@ -34,6 +34,8 @@ policies:
      tls: enforce-secure}
   - {name: ceo, direction: inbound, recipient: CEO@Example.com,
      tls: enforce-secure}
+  - {name: cfo, direction: inbound, recipient: '"cfo"@example.com',
+     tls: enforce-secure}
   - {name: org, direction: inbound, recipient_domain: example.org,
      tls: none}
   - {name: org-again, direction: inbound, recipient: boss@example.org,
@@ -80,6 +82,17 @@ CASES = [
     ("CEO@EXAMPLE.COM", "enforce-secure", INBOUND, "ceo", None),
     ("Ceo@Example.Com.", "enforce-secure", INBOUND, "ceo", None),
     ("ceo.assistant@example.com", "enforce-tls", INBOUND, None, None),
+    # RFC 5321 4.1.2: a quoted local part that needs no quotes is the same
+    # mailbox, however it is written, on either side
+    ('"ceo"@example.com', "enforce-secure", INBOUND, "ceo", None),
+    ('"c\\eo"@example.com', "enforce-secure", INBOUND, "ceo", None),
+    ('"\\C\\E\\O"@Example.COM.', "enforce-secure", INBOUND, "ceo", None),
+    ("cfo@example.com", "enforce-secure", INBOUND, "cfo", None),
+    ('"CFO"@example.com', "enforce-secure", INBOUND, "cfo", None),
+    ('"ceo.assistant"@example.com', "enforce-tls", INBOUND, None, None),
+    # ...but a quoted string that is not a dot-atom is another mailbox
+    ('"ceo "@example.com', "enforce-tls", INBOUND, None, None),
+    ('"ceo@example.com"@example.com', "enforce-tls", INBOUND, None, None),
     # inbound recipient_domain; an earlier domain rule beats a later address
     ("anyone@example.org", "none", INBOUND, "org", None),
     ("boss@example.org", "none", INBOUND, "org", None),

@@ -11,8 +11,10 @@ from mta.config import Config, Listener, load_config
 from mta.relaycontrol import (
     Mailbox,
     MailRequest,
+    canonical_address,
     parse_mail,
     parse_rcpt,
+    postmaster_domain,
     recipient_limit,
     recipient_verdict,
 )
@@ -72,6 +74,17 @@ class TestRecipientVerdict:
             ("mx", "203.0.113.9", "postmaster@listed.example", None),
             ("mx", "203.0.113.9", "PostMaster@LISTED.example", None),
             ("mx", "203.0.113.9", "postmaster@other.example", "550 5.7.1"),
+            # inbound: no sender-specified routing through our domains, as
+            # Postfix's allow_untrusted_routing = no
+            ("mx", "203.0.113.9", "user+tag@example.com", None),
+            ("mx", "203.0.113.9", "user%other.test@example.com", "550 5.7.1"),
+            ("mx", "203.0.113.9", "other.test!user@example.com", "550 5.7.1"),
+            ("mx", "203.0.113.9", '"user@other.test"@example.com', "550 5.7.1"),
+            ("mx", "203.0.113.9", '"user\\@other.test"@example.com', "550 5.7.1"),
+            ("mx", "203.0.113.9", '"user%other.test"@example.com', "550 5.7.1"),
+            ("mx", "192.0.2.10", "user%other.test@example.com", "550 5.7.1"),
+            ("mx", "203.0.113.9", "alice%x@listed.example", "550 5.7.1"),
+            ("mx", "203.0.113.9", "postmaster%x@listed.example", "550 5.7.1"),
             # outbound: clients in networks, to anywhere
             ("submission", "192.0.2.10", "user@far.example", None),
             ("submission", "2001:db8::5", "user@far.example", None),
@@ -83,6 +96,10 @@ class TestRecipientVerdict:
             # outbound to one of our listed domains: the list still applies
             ("submission", "192.0.2.10", "carol@listed.example", "550 5.1.1"),
             ("submission", "192.0.2.10", "alice@listed.example", None),
+            # outbound: trusted clients may route as they like
+            ("submission", "192.0.2.10", "user%other.test@example.com", None),
+            ("submission", "192.0.2.10", "other.test!user@far.example", None),
+            ("submission", "198.51.100.1", "user%other.test@example.com", "554 5.7.1"),
         ],
     )
     def test_table(
@@ -112,6 +129,43 @@ class TestRecipientVerdict:
         )
         assert outbound.line() == "554 5.7.1 <x@y.example>: Relay access denied"
 
+    def test_routing_text_says_why(self, config: Config) -> None:
+        reply = recipient_verdict(
+            config, listener(config, "mx"), "203.0.113.9", "u%o.test@example.com"
+        )
+        assert reply is not None
+        assert reply.line() == (
+            "550 5.7.1 <u%o.test@example.com>: Relay access denied: "
+            "sender-specified routing is not accepted"
+        )
+
+
+class TestCanonicalAddress:
+    """RFC 5321 4.1.2: ``"ceo"`` and ``ceo`` are the same mailbox; domains
+    are case-insensitive (2.4) and a trailing dot names the same domain."""
+
+    @pytest.mark.parametrize(
+        ("address", "expected"),
+        [
+            ("ceo@example.com", "ceo@example.com"),
+            ("CEO@Example.COM", "CEO@example.com"),
+            ("ceo@example.com.", "ceo@example.com"),
+            ('"ceo"@example.com', "ceo@example.com"),
+            ('"c\\eo"@example.com', "ceo@example.com"),
+            ('"c.e.o"@example.com', "c.e.o@example.com"),
+            ('"user%x"@example.com', "user%x@example.com"),
+            ('"ceo "@Example.com', '"ceo "@example.com'),
+            ('"c..eo"@example.com', '"c..eo"@example.com'),
+            ('".ceo"@example.com', '".ceo"@example.com'),
+            ('""@example.com', '""@example.com'),
+            ('"a\\"b"@example.com', '"a\\"b"@example.com'),
+            ('"a@b"@example.com', '"a@b"@example.com'),
+            ("a@[IPv6:2001:DB8::1]", "a@[IPv6:2001:DB8::1]"),
+        ],
+    )
+    def test_table(self, address: str, expected: str) -> None:
+        assert canonical_address(address) == expected
+
 
 class TestRecipientLimit:
     @pytest.mark.parametrize(
@@ -137,7 +191,9 @@ class TestParseMail:
             ("FROM:<a@b.example>", mail("a@b.example")),
             ("from:<a@b.example>", mail("a@b.example")),
             ("FROM: <a@b.example>", mail("a@b.example")),
-            ("FROM:<A.B+tag@B.Example>", mail("A.B+tag@B.Example")),
+            ("FROM:<A.B+tag@B.Example>", mail("A.B+tag@b.example")),
+            ('FROM:<"x"@Org.Test>', mail("x@org.test")),
+            ('FROM:<"x\\.y"@org.test>', mail("x.y@org.test")),
             ("FROM:<>", mail(None)),
             ("FROM:<> SIZE=100", mail(None, size=100)),
             ("FROM:<a@b.example> SIZE=1000", mail("a@b.example", size=1000)),
@@ -147,7 +203,6 @@ class TestParseMail:
             ),
             ("FROM:<a@b.example> BODY=7BIT", mail("a@b.example")),
             ('FROM:<"a b"@b.example>', mail('"a b"@b.example')),
-            ('FROM:<"a>b"@b.example>', mail('"a>b"@b.example')),
             ("FROM:<@r1.example,@r2.example:a@b.example>", mail("a@b.example")),
             ("FROM:<a@[192.0.2.1]>", mail("a@[192.0.2.1]")),
             ("FROM:<a@[IPv6:2001:db8::1]>", mail("a@[IPv6:2001:db8::1]")),
@@ -175,6 +230,14 @@ class TestParseMail:
             ("FROM:<a@b.example.>", "501 5.1.7"),
             ("FROM:<a..b@b.example>", "501 5.1.7"),
             ("FROM:<jö@b.example>", "501 5.1.7"),
+            # valid quoted strings that mta.smtpclient could never send on
+            ('FROM:<"x>y"@org.test>', "501 5.1.7"),
+            ('FROM:<"x<y"@org.test>', "501 5.1.7"),
+            ('FROM:<"x\\>y"@org.test>', "501 5.1.7"),
+            ('FROM:<"a\x00b"@b.example>', "501 5.1.7"),
+            ('FROM:<"a\tb"@b.example>', "501 5.1.7"),
+            ('FROM:<"a\x7fb"@b.example>', "501 5.1.7"),
+            ('FROM:<"jö"@b.example>', "501 5.1.7"),
             ("FROM:<a@[999.1.1.1]>", "501 5.1.7"),
             ("FROM:<a@[tag:whatever]>", "501 5.1.7"),
             ("FROM:<" + "a" * 65 + "@b.example>", "501 5.1.7"),
@@ -200,6 +263,14 @@ class TestParseMail:
         reply = parse_mail("FROM:<a@b.example> X\u00e9\x01=1", config.limits)
         assert reply == Reply(555, "5.5.4", "Unsupported option: X??=1")
 
+    def test_unrelayable_text(self, config: Config) -> None:
+        reply = parse_mail('FROM:<"x>y"@org.test>', config.limits)
+        assert isinstance(reply, Reply)
+        assert reply.line() == (
+            "501 5.1.7 Bad sender address: <, >, control and non-ASCII "
+            "characters cannot be relayed"
+        )
+
     def test_size_text(self, config: Config) -> None:
         reply = parse_mail("FROM:<a@b.example> SIZE=5000", config.limits)
         assert isinstance(reply, Reply)
@@ -211,10 +282,18 @@ class TestParseRcpt:
         ("argument", "expected"),
         [
             ("TO:<a@b.example>", Mailbox("a", "b.example")),
-            ("to:<Alice@B.Example>", Mailbox("Alice", "B.Example")),
+            ("to:<Alice@B.Example>", Mailbox("Alice", "b.example")),
             ("TO: <a@b.example>", Mailbox("a", "b.example")),
             ("TO:<@relay.example:a@b.example>", Mailbox("a", "b.example")),
             ('TO:<"x\\"y"@b.example>', Mailbox('"x\\"y"', "b.example")),
+            # one canonical form (RFC 5321 4.1.2): quotes that are not
+            # needed are dropped, the domain is lower-cased
+            ('TO:<"ceo"@example.com>', Mailbox("ceo", "example.com")),
+            ('TO:<"c\\eo"@Example.COM>', Mailbox("ceo", "example.com")),
+            ('TO:<"Ceo.X"@example.com>', Mailbox("Ceo.X", "example.com")),
+            ('TO:<"a b"@example.com>', Mailbox('"a b"', "example.com")),
+            ('TO:<"a."@example.com>', Mailbox('"a."', "example.com")),
+            ("TO:<a@[IPv6:2001:db8::1]>", Mailbox("a", "[IPv6:2001:db8::1]")),
         ],
     )
     def test_accepted(self, argument: str, expected: Mailbox) -> None:
@@ -231,6 +310,13 @@ class TestParseRcpt:
             # Unqualified, even postmaster: we have no domain of our own.
             ("TO:<postmaster>", "501 5.1.3"),
             ("TO:<a@b.example> NOTIFY=NEVER", "555 5.5.4"),
+            ('TO:<"a>b"@example.com>', "501 5.1.3"),
+            ('TO:<"<a"@example.com>', "501 5.1.3"),
+            ('TO:<"a\x00b"@example.com>', "501 5.1.3"),
+            ('TO:<"a\rb"@example.com>', "501 5.1.3"),
+            ('TO:<"a\tb"@example.com>', "501 5.1.3"),
+            ("TO:<jö@example.com>", "501 5.1.3"),
+            ("TO:<j\ufffd@example.com>", "501 5.1.3"),
             ("TO:<a@b.example> ORCPT=rfc822;a@b.example", "555 5.5.4"),
         ],
     )
@@ -239,5 +325,39 @@ class TestParseRcpt:
         assert isinstance(reply, Reply)
         assert outcome(reply) == expected
 
-    def test_mailbox_text_keeps_case_and_quotes(self) -> None:
-        assert str(parse_rcpt('TO:<"A b"@Example.COM>')) == '"A b"@Example.COM'
+    def test_mailbox_text_keeps_local_case_and_needed_quotes(self) -> None:
+        assert str(parse_rcpt('TO:<"A b"@Example.COM>')) == '"A b"@example.com'
+
+    def test_unrelayable_text(self) -> None:
+        reply = parse_rcpt('TO:<"a>b"@example.com>')
+        assert isinstance(reply, Reply)
+        assert reply.line() == (
+            "501 5.1.3 Bad recipient address: <, >, control and non-ASCII "
+            "characters cannot be relayed"
+        )
+
+    @pytest.mark.parametrize(
+        ("argument", "expected"),
+        [
+            # RFC 5321 4.1.1.3 and 4.5.1: <Postmaster> without a domain,
+            # whatever its case, is our postmaster
+            ("TO:<postmaster>", Mailbox("postmaster", "example.com")),
+            ("TO:<PostMaster>", Mailbox("postmaster", "example.com")),
+            ("TO: <Postmaster>", Mailbox("postmaster", "example.com")),
+            ("TO:<postmaster> NOTIFY=NEVER", "555 5.5.4"),
+            ("TO:<postmaster>x", "501 5.1.3"),
+            ("TO:<postmasters>", "501 5.1.3"),
+            ("TO:<abuse>", "501 5.1.3"),
+            ('TO:<"postmaster">', "501 5.1.3"),
+        ],
+    )
+    def test_bare_postmaster(self, argument: str, expected: Mailbox | str) -> None:
+        reply = parse_rcpt(argument, "example.com")
+        if isinstance(expected, Mailbox):
+            assert reply == expected
+        else:
+            assert isinstance(reply, Reply)
+            assert outcome(reply) == expected
+
+    def test_postmaster_domain_is_the_first_of_domains(self, config: Config) -> None:
+        assert postmaster_domain(config) == "example.com"

@@ -400,6 +400,101 @@ class TestTransaction:
         assert codes(session.send("DATA\r\n")) == ["503 5.5.1"]
 
 
+class TestAddresses:
+    """Addresses are kept in one canonical form from the moment they are
+    accepted, so policy, recipient lists and duplicates see one string."""
+
+    def envelope(self, server: Server, session: Session) -> Envelope:
+        assert session.send("DATA\r\n") == ["354 End data with <CR><LF>.<CR><LF>"]
+        return server.spool.load(queued_id(session.send(".\r\n")[0]))
+
+    def test_quoted_recipient_is_recorded_unquoted(self, server: Server) -> None:
+        session = server.connect()
+        session.hello()
+        session.send('MAIL FROM:<"Sender"@Client.Example>\r\n')
+        assert session.send('RCPT TO:<"ceo"@example.com>\r\n') == ["250 2.1.5 Ok"]
+        envelope = self.envelope(server, session)
+        assert envelope.sender == "Sender@client.example"
+        assert [r.address for r in envelope.recipients] == ["ceo@example.com"]
+
+    def test_quoted_and_plain_forms_are_one_recipient(self, server: Server) -> None:
+        session = server.connect()
+        session.hello()
+        session.send("MAIL FROM:<s@client.example>\r\n")
+        replies = session.send(
+            'RCPT TO:<"ceo"@example.com>\r\n'
+            "RCPT TO:<ceo@example.com>\r\n"
+            'RCPT TO:<"c\\eo"@EXAMPLE.com>\r\n'
+        )
+        assert codes(replies) == ["250 2.1.5"] * 3
+        envelope = self.envelope(server, session)
+        assert [r.address for r in envelope.recipients] == ["ceo@example.com"]
+
+    @pytest.mark.parametrize(
+        "command",
+        [
+            b'MAIL FROM:<"x>y"@org.test>',
+            b'MAIL FROM:<"x\x00y"@org.test>',
+            b"MAIL FROM:<j\xc3\xb6@org.test>",
+            b'RCPT TO:<"a>b"@example.com>',
+            b'RCPT TO:<"a<b"@example.com>',
+            b'RCPT TO:<"a\tb"@example.com>',
+            b"RCPT TO:<j\xc3\xb6@example.com>",
+            b"RCPT TO:<j\xff@example.com>",
+        ],
+    )
+    def test_what_cannot_be_relayed_is_refused(
+        self, server: Server, command: bytes
+    ) -> None:
+        """mta.smtpclient could never send these on: refused at once, rather
+        than queued to fail for ever."""
+        session = server.connect()
+        session.hello()
+        if command.startswith(b"RCPT"):
+            session.send("MAIL FROM:<s@client.example>\r\n")
+            expected = "501 5.1.3 Bad recipient address: "
+        else:
+            expected = "501 5.1.7 Bad sender address: "
+        assert session.send(command + b"\r\n") == [
+            expected + "<, >, control and non-ASCII characters cannot be relayed"
+        ]
+
+    @pytest.mark.parametrize(
+        "recipient",
+        [
+            "user%other.test@example.com",
+            "other.test!user@example.com",
+            '"user@other.test"@example.com',
+        ],
+    )
+    def test_sender_specified_routing_is_refused_inbound(
+        self, server: Server, recipient: str
+    ) -> None:
+        session = server.connect()
+        session.hello()
+        session.send("MAIL FROM:<s@client.example>\r\n")
+        assert session.send(f"RCPT TO:<{recipient}>\r\n") == [
+            f"550 5.7.1 <{recipient}>: Relay access denied: "
+            "sender-specified routing is not accepted"
+        ]
+
+    def test_trusted_clients_may_route(self, server: Server) -> None:
+        session = server.connect("internal", peer="192.0.2.7")
+        session.start_transaction("user%other.test@example.com")
+
+    @pytest.mark.parametrize("listener", ["mx", "internal"])
+    def test_bare_postmaster_is_ours(self, server: Server, listener: str) -> None:
+        session = server.connect(listener, peer="192.0.2.7")
+        session.hello()
+        session.send("MAIL FROM:<s@client.example>\r\n")
+        replies = session.send(
+            "RCPT TO:<Postmaster>\r\nRCPT TO:<postmaster@Example.com>\r\n"
+        )
+        assert codes(replies) == ["250 2.1.5", "250 2.1.5"]
+        envelope = self.envelope(server, session)
+        assert [r.address for r in envelope.recipients] == ["postmaster@example.com"]
+
+
 class TestPipelining:
     MESSAGE = (
         "EHLO client.example\r\n"
@@ -588,13 +683,13 @@ class TestData:
         assert header.startswith(
             b"Received: from client.example (unknown [192.0.2.1])\r\n"
             b"\tby relay.test (mta) with ESMTP id " + queue_id.encode() + b"\r\n"
-            b"\tfor <Alice@EXAMPLE.com>; "
+            b"\tfor <Alice@example.com>; "
         )
         assert header.count(b"\n") == header.count(b"\r\n") == 3
 
         envelope = server.spool.load(queue_id)
-        assert envelope.sender == "Sender@Client.Example"
-        assert [r.address for r in envelope.recipients] == ["Alice@EXAMPLE.com"]
+        assert envelope.sender == "Sender@client.example"
+        assert [r.address for r in envelope.recipients] == ["Alice@example.com"]
         assert envelope.body == "8BITMIME"
         assert envelope.size == len(message)
         assert envelope.client.helo == "client.example"
@@ -616,7 +711,7 @@ class TestData:
         assert envelope.sender == ""
         assert [r.address for r in envelope.recipients] == [
             "a@example.com",
-            "b@Example.COM",
+            "b@example.com",
         ]
         message = server.message(queue_id)
         assert b"for <" not in message
