@@ -1,0 +1,253 @@
+"""TLS policy end to end (SPEC.md sections 2 and 3): the running relay
+(`twistd -n mta`), MX records from a DNS responder on loopback, and real
+peers whose TLS behaviour and certificates are chosen; every assertion is
+on what a peer recorded, what the log line says and what the spool keeps.
+
+The matrix (thirteen kinds of peer, each under the four levels) runs in one
+relay: each (kind, level) cell has a recipient domain of its own,
+``KIND.LEVEL.test``, governed by the rule ``.LEVEL.test``, and each kind one
+peer serving its four domains.  The whole table is checked at once, and
+every cell that differs from the SPEC is reported in one message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.matrix import (
+    DEFERRED,
+    FALLBACK,
+    KINDS,
+    LEVELS,
+    TLS,
+    TRUSTED,
+    VERIFIED,
+    Expected,
+    Loopback,
+    Observed,
+    Report,
+    domain_for,
+    expected_for,
+    problems,
+    rule_for,
+    wait_until,
+)
+from tests.peers import certs, smtppeer
+from tests.peers.certs import CertFiles
+from tests.peers.dnsserver import DNSServer
+from tests.peers.smtppeer import Peer
+
+# Matrix peers on 127.0.5.1-13 (one per kind), the others on 127.0.6.x:
+# addresses no other test file uses, so port 25 is free on each.
+MATRIX_NET = "127.0.5."
+OTHER_NET = "127.0.6."
+
+
+@pytest.fixture
+def world(tmp_path: Path, relay_cert: CertFiles, dns: DNSServer,
+          mx_port: int) -> Iterator[Loopback]:
+    world = Loopback(tmp_path, relay_cert, dns, mx_port)
+    yield world
+    world.close()
+
+
+def assert_agrees(report: Report) -> None:
+    assert report.failures == 0, "\n" + report.table()
+
+
+def test_policy_matrix(world: Loopback) -> None:
+    for number, kind in enumerate(KINDS, start=1):
+        domains = kind.domains()
+        address = f"{MATRIX_NET}{number}"
+        world.add_peer(kind.start(address, world.mx_port, domains))
+        for domain in domains:
+            world.mx(domain, (10, kind.mx_host(domain), address))
+    world.start([rule_for(level) for level in LEVELS])
+
+    cases = {
+        (kind.letter, level): world.send(domain_for(kind.letter, level))
+        for kind in KINDS for level in LEVELS
+    }
+
+    def seen(letter: str, level: str) -> Observed:
+        return world.observe(cases[letter, level], domain_for(letter, level))
+
+    wait_until(lambda: all(seen(*case).settled() for case in cases), 40)
+
+    report = Report()
+    for kind in KINDS:
+        for level in LEVELS:
+            report.add(f"{kind.letter} {kind.what} / {level}",
+                       expected_for(kind, level), seen(kind.letter, level))
+    assert_agrees(report)
+
+
+# --- two MX hosts: the first fails enforcement ------------------------------
+
+def _wrong_name_then_right(world: Loopback, domain: str) -> tuple[Peer, Peer]:
+    first = smtppeer.tls13(f"{OTHER_NET}1", world.mx_port,
+                           leaf=certs.issue_server_cert("other.test"))
+    second = smtppeer.tls13(f"{OTHER_NET}2", world.mx_port,
+                            leaf=certs.issue_server_cert(f"mx2.{domain}"))
+    return first, second
+
+
+def _no_starttls_then_tls(world: Loopback, domain: str) -> tuple[Peer, Peer]:
+    first = smtppeer.plain(f"{OTHER_NET}1", world.mx_port)
+    second = smtppeer.tls13(f"{OTHER_NET}2", world.mx_port)
+    return first, second
+
+
+@pytest.mark.parametrize(
+    ("level", "peers", "trust"),
+    [("enforce-secure", _wrong_name_then_right, VERIFIED),
+     ("enforce-tls", _no_starttls_then_tls, TRUSTED)],
+    ids=["enforce-secure-wrong-name", "enforce-tls-no-starttls"],
+)
+def test_second_mx_takes_the_mail_when_the_first_fails_enforcement(
+    world: Loopback,
+    level: str,
+    peers: Callable[[Loopback, str], tuple[Peer, Peer]],
+    trust: str,
+) -> None:
+    domain = "two.test"
+    first, second = (world.add_peer(peer) for peer in peers(world, domain))
+    world.mx(domain, (10, f"mx1.{domain}", f"{OTHER_NET}1"),
+             (20, f"mx2.{domain}", f"{OTHER_NET}2"))
+    world.start([{"name": "two", "direction": "outbound",
+                  "recipient_domain": domain, "tls": level}])
+
+    queue_id = world.send(domain)
+
+    wait_until(lambda: world.observe(queue_id, domain).settled(), 15)
+    matched = f"mx2.{domain}" if trust == VERIFIED else None
+    expected = Expected(TLS, level, "two", f"mx2.{domain}", trust, matched)
+    seen = world.observe(queue_id, domain)
+    assert problems(expected, seen) == [], seen
+    # The first host was tried, in the same attempt, and never got MAIL.
+    assert first.connections, "the first MX host was never tried"
+    assert not any(command.startswith("MAIL") for c in first.connections
+                   for command in c.commands)
+    assert first.messages == []
+    assert len(seen.lines) == 1, seen.lines
+
+
+# --- reference names the operator gives -------------------------------------
+
+def test_match_names_the_provider_host(world: Loopback) -> None:
+    domain = "hosted.test"
+    world.add_peer(smtppeer.tls13(
+        f"{OTHER_NET}3", world.mx_port,
+        leaf=certs.issue_server_cert("mx.provider.test")))
+    world.mx(domain, (10, "mx.provider.test", f"{OTHER_NET}3"))
+    world.start([{"name": "provider", "direction": "outbound",
+                  "recipient_domain": domain, "tls": "enforce-secure",
+                  "match": ["mx.provider.test"]}])
+
+    queue_id = world.send(domain)
+
+    wait_until(lambda: world.observe(queue_id, domain).settled(), 15)
+    expected = Expected(TLS, "enforce-secure", "provider", "mx.provider.test",
+                        VERIFIED, "mx.provider.test")
+    seen = world.observe(queue_id, domain)
+    assert problems(expected, seen) == [], seen
+
+
+def test_a_route_host_written_as_a_name_is_a_reference_name(
+    world: Loopback,
+) -> None:
+    # Bracketed: looked up by A, no MX; the name the operator wrote is one
+    # the certificate may carry (SPEC.md section 2).
+    domain = "routed.test"
+    world.add_peer(smtppeer.tls13(
+        f"{OTHER_NET}4", world.mx_port,
+        leaf=certs.issue_server_cert("relayhost.test")))
+    world.dns.set("relayhost.test", "A", [f"{OTHER_NET}4"])
+    world.dns.set(domain, "MX", ["10 elsewhere.test."])
+    world.start(
+        [{"name": "routed", "direction": "outbound", "recipient_domain": domain,
+          "tls": "enforce-secure"}],
+        routes={domain: f"[relayhost.test]:{world.mx_port}"},
+    )
+
+    queue_id = world.send(domain)
+
+    wait_until(lambda: world.observe(queue_id, domain).settled(), 15)
+    expected = Expected(TLS, "enforce-secure", "routed", "relayhost.test",
+                        VERIFIED, "relayhost.test")
+    seen = world.observe(queue_id, domain)
+    assert problems(expected, seen) == [], seen
+
+
+# --- a downgrade: STARTTLS advertised, then refused -------------------------
+
+def test_starttls_refused_defers_under_enforce_tls_falls_back_otherwise(
+    world: Loopback,
+) -> None:
+    address = f"{OTHER_NET}5"
+    peer = world.add_peer(smtppeer.starttls_454(address, world.mx_port))
+    enforced, opportunistic = "down.enforce-tls.test", "down.opportunistic.test"
+    for domain in (enforced, opportunistic):
+        world.mx(domain, (10, f"mx.{domain}", address))
+    world.start([rule_for("enforce-tls"), rule_for("opportunistic")])
+
+    cases = {domain: world.send(domain) for domain in (enforced, opportunistic)}
+
+    wait_until(lambda: all(world.observe(queue_id, domain).settled()
+                           for domain, queue_id in cases.items()), 15)
+    report = Report()
+    report.add("454 to STARTTLS / enforce-tls",
+               Expected(DEFERRED, "enforce-tls", "matrix-enforce-tls",
+                        f"mx.{enforced}"),
+               world.observe(cases[enforced], enforced))
+    report.add("454 to STARTTLS / opportunistic",
+               Expected(FALLBACK, "opportunistic", "matrix-opportunistic",
+                        f"mx.{opportunistic}"),
+               world.observe(cases[opportunistic], opportunistic))
+    assert_agrees(report)
+    fallback = world.observe(cases[opportunistic], opportunistic).last
+    assert fallback.get("fallback") == "starttls-refused", fallback
+    # The refusal was really met: STARTTLS was sent, and 454 answered.
+    assert any("STARTTLS" in c.commands for c in peer.connections)
+
+
+# --- max_lifetime --------------------------------------------------------------
+
+def test_enforced_deferral_fails_with_5_7_x_when_max_lifetime_runs_out(
+    world: Loopback,
+) -> None:
+    domain = "expiry.enforce-tls.test"
+    peer = world.add_peer(smtppeer.plain(f"{OTHER_NET}6", world.mx_port))
+    world.mx(domain, (10, f"mx.{domain}", f"{OTHER_NET}6"))
+    relay = world.start(
+        [rule_for("enforce-tls")],
+        delivery={"max_lifetime": "3s", "retry_schedule": ["1s"]},
+    )
+
+    queue_id = world.send(domain)
+
+    envelope = relay.wait_for_envelope(
+        lambda e: e.queue_id == queue_id and e.recipients[0].state == "failed",
+        timeout=20)
+    recipient = envelope.recipients[0]
+    assert (recipient.dsn or "").startswith("5.7."), recipient
+    assert recipient.reason, recipient
+    # Deferred with 4.7.x on the way, never sent, never MAIL.
+    statuses = [(a.status, a.dsn) for a in recipient.history]
+    assert statuses[-1][0] == "bounced", statuses
+    assert all(dsn.startswith("4.7.") for status, dsn in statuses[:-1]), statuses
+    assert len(statuses) >= 2, statuses
+    assert peer.messages == []
+    assert not any(cmd.startswith("MAIL") for c in peer.connections
+                   for cmd in c.commands)
+    seen = world.observe(queue_id, domain)
+    last = seen.last
+    assert last.get("status") == "bounced", last
+    assert last.get("dsn", "").startswith("5.7."), last
+    assert last.get("policy") == "enforce-tls", last
+    assert last.get("rule") == "matrix-enforce-tls", last
+    assert not [line for line in seen.lines if line.get("status") == "sent"]
+
