@@ -12,6 +12,8 @@ every cell that differs from the SPEC is reported in one message.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -83,6 +85,33 @@ def test_policy_matrix(world: Loopback) -> None:
             report.add(f"{kind.letter} {kind.what} / {level}",
                        expected_for(kind, level), seen(kind.letter, level))
     assert_agrees(report)
+    assert_probe_agrees(world)
+
+
+# `mta policy explain --probe` against the same peers: what it says each
+# level would do must be what the relay did.
+PROBE_SAYS = {TLS: "yes", "plaintext": "yes", FALLBACK: "plaintext-fallback",
+              DEFERRED: "no"}
+
+
+def assert_probe_agrees(world: Loopback) -> None:
+    assert world.relay is not None
+    wrong = []
+    for kind in KINDS:
+        # The enforce-secure cell's domain: its reference names are the
+        # ones the probe must check the certificate against.
+        domain = domain_for(kind.letter, "enforce-secure")
+        done = subprocess.run(
+            [sys.executable, "-m", "mta", "--config",
+             str(world.relay.config_path), "policy", "explain", "--probe",
+             f"probe@{domain}"], capture_output=True, text=True, timeout=60)
+        want = "would deliver: " + ", ".join(
+            f"{level}={PROBE_SAYS[expected_for(kind, level).outcome]}"
+            for level in LEVELS)
+        if done.returncode != 0 or want not in done.stdout:
+            wrong.append(f"{kind.letter} {kind.what}: want {want!r}, "
+                         f"got:\n{done.stdout}{done.stderr}")
+    assert not wrong, "\n".join(wrong)
 
 
 # --- two MX hosts: the first fails enforcement ------------------------------
@@ -251,3 +280,36 @@ def test_enforced_deferral_fails_with_5_7_x_when_max_lifetime_runs_out(
     assert last.get("rule") == "matrix-enforce-tls", last
     assert not [line for line in seen.lines if line.get("status") == "sent"]
 
+
+
+# --- inbound: a rule for one recipient, the default for another ------------
+
+def test_inbound_rule_for_one_recipient_of_a_message(world: Loopback) -> None:
+    """ceo@ is under an enforce-tls rule, bob@ of the same domain and the
+    same message under the default: they go in separate transactions, and
+    the server without STARTTLS gets only bob's."""
+    peer = world.add_peer(smtppeer.plain(f"{OTHER_NET}7", world.mx_port))
+    world.dns.set("mail.corp.test", "A", [f"{OTHER_NET}7"])
+    relay = world.start(
+        [{"name": "ceo", "direction": "inbound", "recipient": "ceo@corp.test",
+          "tls": "enforce-tls"}],
+        domains={"corp.test": {"relay_to": [f"mail.corp.test:{world.mx_port}"]}},
+    )
+
+    queue_id = relay.submit("alice@org.test", ["bob@corp.test", "ceo@corp.test"],
+                            b"Subject: board\r\n\r\nminutes\r\n", listener="mx")
+
+    assert peer.wait_for(1, timeout=15)[0].rcpt_tos == ("bob@corp.test",)
+    envelope = relay.wait_for_envelope(
+        lambda e: e.queue_id == queue_id
+        and e.recipient("ceo@corp.test").state == "deferred")
+    ceo = envelope.recipient("ceo@corp.test")
+    assert ceo.dsn == "4.7.4"
+    assert "TLS required by rule ceo (enforce-tls)" in (ceo.reason or "")
+    line = relay.wait_for_log(f"{queue_id}: to=<ceo@corp.test>")
+    assert "policy=enforce-tls rule=ceo" in line and "status=deferred" in line
+    assert "TLS required by rule ceo" in line
+    bob = relay.wait_for_log(f"{queue_id}: to=<bob@corp.test>")
+    assert "policy=opportunistic" in bob and "rule=" not in bob
+    assert all("ceo@corp.test" not in " ".join(c.commands)
+               for c in peer.connections)
