@@ -10,16 +10,32 @@ the old one.
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
-import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
+
+from mta.configreader import Reader, load_yaml
+from mta.configvalues import (
+    HostPort as HostPort,  # re-exported: a Domain and a Config hold them
+    parse_bool,
+    parse_choice,
+    parse_domain,
+    parse_duration,
+    parse_hostname,
+    parse_hostport,
+    parse_ip,
+    parse_name_list,
+    parse_network,
+    parse_port,
+    parse_positive_int,
+    parse_size,
+    parse_timeout,
+)
 
 LEVELS = ("none", "opportunistic", "enforce-tls", "enforce-secure")
 ROLES = ("inbound", "outbound")
@@ -57,25 +73,6 @@ class ConfigError(Exception):
     def __init__(self, problems: Iterable[str]) -> None:
         self.problems = tuple(problems)
         super().__init__("\n".join(self.problems))
-
-
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    """A server named in the configuration: ``host``, ``host:port``,
-    ``[host]:port``.  Brackets mean "this exact host, no MX lookup", as in
-    Postfix; an address literal is always taken as it is."""
-
-    host: str
-    port: int
-    bracketed: bool
-
-    @property
-    def is_literal(self) -> bool:
-        return _is_ip(self.host)
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if self.bracketed else self.host
-        return f"{host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,276 +165,6 @@ class Config:
         return domain.lower().rstrip(".") in self.domains
 
 
-# --- value parsers: each takes the raw value and returns the parsed one or
-# raises ValueError with the words that follow "KEY: ".
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_DURATION_UNITS = {
-    "ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400, "w": 604800
-}
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-def parse_duration(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30s, 10m, 4h or 5d")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ValueError("expected a duration such as 30s, 10m, 4h or 5d")
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    if not math.isfinite(seconds) or seconds > 10 * 365 * 86400:
-        raise ValueError("a duration must be finite and at most ten years")
-    return seconds
-
-
-def parse_timeout(value: Any) -> float:
-    """A duration above zero: a zero timeout would end every session at
-    once."""
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError("a timeout must be above zero")
-    return seconds
-
-
-def parse_size(value: Any) -> int:
-    """Bytes; K, M and G (with or without B or iB) are powers of 1024."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as 50MB or 10240")
-    if isinstance(value, int):
-        size = value
-    else:
-        match = _SIZE.match(str(value))
-        if not match:
-            raise ValueError("expected a size such as 50MB or 10240")
-        unit = (match.group(2) or "")[:1].lower()
-        size = int(match.group(1)) * _SIZE_UNITS[unit]
-    if size <= 0:
-        raise ValueError("a size must be above zero")
-    if size > 1024**4:
-        raise ValueError("a size must be at most 1TB")
-    return size
-
-
-def parse_port(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError("expected a port number from 1 to 65535")
-    if not 1 <= value <= 65535:
-        raise ValueError("expected a port number from 1 to 65535")
-    return value
-
-
-def parse_ip(value: Any) -> str:
-    try:
-        return str(ipaddress.ip_address(str(value)))
-    except ValueError:
-        raise ValueError("expected an IPv4 or IPv6 address") from None
-
-
-def parse_network(
-    value: Any,
-) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    try:
-        return ipaddress.ip_network(str(value), strict=False)
-    except ValueError:
-        raise ValueError("expected a network such as 192.0.2.0/24") from None
-
-
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)"
-    r"(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)*\.?$",
-    re.IGNORECASE,
-)
-
-
-def parse_hostname(value: Any) -> str:
-    text = str(value).strip()
-    if not isinstance(value, str) or not _HOSTNAME.match(text):
-        raise ValueError("expected a host name such as mail.example.com")
-    return text.lower().rstrip(".")
-
-
-def parse_domain(value: Any) -> str:
-    return parse_hostname(value)
-
-
-def parse_hostport(value: Any, default_port: int = 25) -> HostPort:
-    """``host``, ``host:port``, ``[host]``, ``[host]:port``, ``[v6]:port``."""
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("expected host, host:port or [host]:port")
-    text = value.strip()
-    port = default_port
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0:
-            raise ValueError("a '[' without its ']'")
-        host, rest = text[1:close], text[close + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError("expected ':port' after ']'")
-            port = _port_text(rest[1:])
-        return HostPort(_host_or_ip(host), port, bracketed=True)
-    if text.count(":") == 1:
-        text, port_text = text.split(":")
-        port = _port_text(port_text)
-    elif text.count(":") > 1:
-        raise ValueError("an IPv6 address must be written in brackets: [::1]:25")
-    return HostPort(_host_or_ip(text), port, bracketed=_is_ip(text))
-
-
-def _port_text(text: str) -> int:
-    if not text.isdigit():
-        raise ValueError(f"port {text!r} is not a number")
-    return parse_port(int(text))
-
-
-def _host_or_ip(text: str) -> str:
-    if _is_ip(text):
-        return str(ipaddress.ip_address(text))
-    return parse_hostname(text)
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def parse_level(value: Any) -> str:
-    if value not in LEVELS:
-        raise ValueError("expected one of " + ", ".join(LEVELS))
-    return str(value)
-
-
-def parse_bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("expected true or false")
-    return value
-
-
-def parse_positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError("expected a whole number above zero")
-    return value
-
-
-def parse_choice(*choices: str) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        if value not in choices:
-            raise ValueError("expected one of " + ", ".join(choices))
-        return str(value)
-
-    return parse
-
-
-def parse_name_list(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = value.replace(",", ":").split(":")
-    if not isinstance(value, list) or not value:
-        raise ValueError("expected a non-empty list of names")
-    names = []
-    for item in value:
-        if not isinstance(item, str) or not item.strip():
-            raise ValueError("every entry must be a name")
-        names.append(item.strip())
-    return tuple(names)
-
-
-T = TypeVar("T")
-
-
-class _Reader:
-    """Walks the YAML tree, remembering the key path for error messages and
-    collecting every problem instead of stopping at the first."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.problems: list[str] = []
-
-    def problem(self, key: str, what: str, value: Any = ...) -> None:
-        shown = "" if value is ... else f" (got {value!r})"
-        self.problems.append(f"{self.path}: {key}: {what}{shown}")
-
-    def mapping(
-        self, raw: Any, key: str, allowed: Iterable[str]
-    ) -> dict[str, Any]:
-        if raw is None:
-            return {}
-        if not isinstance(raw, dict):
-            self.problem(key or "(top level)", "expected a mapping", raw)
-            return {}
-        allowed = tuple(allowed)
-        for name in raw:
-            if name not in allowed:
-                where = f"{key}.{name}" if key else str(name)
-                self.problem(
-                    where, "unknown key; expected one of " + ", ".join(allowed)
-                )
-        return raw
-
-    def value(
-        self,
-        raw: dict[str, Any],
-        key: str,
-        name: str,
-        parse: Callable[[Any], T],
-        default: T | None = None,
-        required: bool = False,
-    ) -> T | None:
-        where = f"{key}.{name}" if key else name
-        if name not in raw or raw[name] is None:
-            if required:
-                self.problem(where, "is required")
-            return default
-        try:
-            return parse(raw[name])
-        except ValueError as error:
-            self.problem(where, str(error), raw[name])
-            return default
-
-    def list_of(
-        self,
-        raw: dict[str, Any],
-        key: str,
-        name: str,
-        parse: Callable[[Any], T],
-        default: tuple[T, ...] = (),
-    ) -> tuple[T, ...]:
-        where = f"{key}.{name}" if key else name
-        items = raw.get(name)
-        if items is None:
-            return default
-        if isinstance(items, str):
-            items = [items]
-        if not isinstance(items, list):
-            self.problem(where, "expected a list", items)
-            return default
-        parsed = []
-        for index, item in enumerate(items):
-            try:
-                parsed.append(parse(item))
-            except ValueError as error:
-                self.problem(f"{where}[{index}]", str(error), item)
-        return tuple(parsed)
-
-    def path_value(
-        self, raw: dict[str, Any], key: str, name: str, required: bool = True
-    ) -> Path | None:
-        def parse(value: Any) -> Path:
-            if not isinstance(value, str) or not value:
-                raise ValueError("expected a file or folder path")
-            return (self.path.parent / value).resolve()
-
-        return self.value(raw, key, name, parse, required=required)
-
-
 def default_config_path() -> Path:
     """``etc/mta.yaml`` in the current folder, else the one beside the
     package (a checkout installed in place)."""
@@ -460,11 +187,11 @@ def load_config(path: str | os.PathLike[str], check_tls: bool = True) -> Config:
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: is not UTF-8 text"]) from None
     try:
-        raw = _load_yaml(text, path)
+        raw = load_yaml(text, path)
     except yaml.YAMLError as error:
         raise ConfigError([f"{path}: not valid YAML: {error}"]) from None
 
-    reader = _Reader(path.resolve())
+    reader = Reader(path.resolve())
     config = _parse(reader, raw)
     if config is not None and check_tls and not reader.problems:
         from mta.tlsctx import check_tls_config
@@ -477,49 +204,13 @@ def load_config(path: str | os.PathLike[str], check_tls: bool = True) -> Config:
     return config
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key given twice is an error: silently
-    keeping the last one hides typos an operator would want to see."""
-
-
-def _mapping_without_duplicates(
-    loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False
-) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-        try:
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice", key_node.start_mark
-                )
-            seen.add(key)
-        except TypeError:
-            continue  # an unhashable key; the parser reports it
-    return loader.construct_mapping(node, deep)
-
-
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
-)
-
-
-def _load_yaml(text: str, path: Path) -> Any:
-    loader = _StrictLoader(text)
-    loader.name = str(path)  # error marks then name the file, not "<unicode string>"
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
 _TOP_KEYS = (
     "hostname", "spool", "tls", "listeners", "limits", "domains", "routes",
     "dns", "delivery", "defaults", "policies", "log_transcript",
 )
 
 
-def _parse(reader: _Reader, raw: Any) -> Config | None:
+def _parse(reader: Reader, raw: Any) -> Config | None:
     if raw is None:
         reader.problem("(top level)", "the file is empty; expected a mapping")
         return None
@@ -573,7 +264,7 @@ def _default_hostname() -> str:
     return (socket.gethostname() or "localhost").lower()
 
 
-def _parse_tls(reader: _Reader, raw: Any) -> TLSConfig | None:
+def _parse_tls(reader: Reader, raw: Any) -> TLSConfig | None:
     keys = ("certificate", "private_key", "min_version", "ciphers",
             "ciphersuites", "trust")
     if raw is None:
@@ -616,7 +307,7 @@ def _parse_min_version(value: Any) -> str:
     raise ValueError("expected TLSv1.2 or TLSv1.3")
 
 
-def _parse_listeners(reader: _Reader, raw: Any) -> tuple[Listener, ...]:
+def _parse_listeners(reader: Reader, raw: Any) -> tuple[Listener, ...]:
     keys = ("name", "address", "port", "role", "require_tls", "networks")
     if not isinstance(raw, list) or not raw:
         reader.problem("listeners", "expected a non-empty list of listeners", raw)
@@ -660,7 +351,7 @@ def _parse_listeners(reader: _Reader, raw: Any) -> tuple[Listener, ...]:
     return tuple(listeners)
 
 
-def _parse_limits(reader: _Reader, raw: Any) -> Limits:
+def _parse_limits(reader: Reader, raw: Any) -> Limits:
     limits = reader.mapping(raw, "limits", ("message_size", "recipients",
                                             "idle_timeout", "hops"))
     return Limits(
@@ -679,7 +370,7 @@ def _parse_limits(reader: _Reader, raw: Any) -> Limits:
     )
 
 
-def _parse_domains(reader: _Reader, raw: Any) -> dict[str, Domain]:
+def _parse_domains(reader: Reader, raw: Any) -> dict[str, Domain]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -704,7 +395,7 @@ def _parse_domains(reader: _Reader, raw: Any) -> dict[str, Domain]:
 
 
 def _parse_recipients(
-    reader: _Reader, entry: dict[str, Any], key: str
+    reader: Reader, entry: dict[str, Any], key: str
 ) -> frozenset[str] | None:
     raw = entry.get("recipients")
     if raw is None:
@@ -729,7 +420,7 @@ def _parse_recipients(
     return frozenset(str(address).lower() for address in raw)
 
 
-def _parse_routes(reader: _Reader, raw: Any) -> dict[str, HostPort]:
+def _parse_routes(reader: Reader, raw: Any) -> dict[str, HostPort]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -756,7 +447,7 @@ def _parse_routes(reader: _Reader, raw: Any) -> dict[str, HostPort]:
     return routes
 
 
-def _parse_dns(reader: _Reader, raw: Any) -> tuple[tuple[str, int], ...] | None:
+def _parse_dns(reader: Reader, raw: Any) -> tuple[tuple[str, int], ...] | None:
     dns = reader.mapping(raw, "dns", ("nameservers",))
     if "nameservers" not in dns:
         return None
@@ -771,7 +462,7 @@ def _parse_dns(reader: _Reader, raw: Any) -> tuple[tuple[str, int], ...] | None:
     return servers or None
 
 
-def _parse_delivery(reader: _Reader, raw: Any) -> Delivery:
+def _parse_delivery(reader: Reader, raw: Any) -> Delivery:
     key = "delivery"
     keys = ("retry_schedule", "max_lifetime", "opportunistic_fallback",
             "plaintext_fallback_delay", "timeouts", "port", "concurrency")
@@ -813,7 +504,7 @@ def _parse_delivery(reader: _Reader, raw: Any) -> Delivery:
 
 
 def _duration(
-    reader: _Reader,
+    reader: Reader,
     raw: dict[str, Any],
     key: str,
     name: str,
@@ -824,7 +515,13 @@ def _duration(
     return float(default) if value is None else value
 
 
-def _parse_defaults(reader: _Reader, raw: Any) -> dict[str, str]:
+def parse_level(value: Any) -> str:
+    if value not in LEVELS:
+        raise ValueError("expected one of " + ", ".join(LEVELS))
+    return str(value)
+
+
+def _parse_defaults(reader: Reader, raw: Any) -> dict[str, str]:
     defaults = reader.mapping(raw, "defaults", ROLES)
     return {
         direction: reader.value(
@@ -834,7 +531,7 @@ def _parse_defaults(reader: _Reader, raw: Any) -> dict[str, str]:
     }
 
 
-def _parse_policies(reader: _Reader, raw: Any) -> tuple[Policy, ...]:
+def _parse_policies(reader: Reader, raw: Any) -> tuple[Policy, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -854,7 +551,7 @@ def _parse_policies(reader: _Reader, raw: Any) -> tuple[Policy, ...]:
 
 
 def _parse_policy(
-    reader: _Reader, entry: dict[str, Any], key: str, index: int
+    reader: Reader, entry: dict[str, Any], key: str, index: int
 ) -> Policy | None:
     name = reader.value(entry, key, "name", str, default=f"rule{index + 1}")
     direction = reader.value(

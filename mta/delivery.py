@@ -15,6 +15,13 @@ from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 
 from mta import outcomes
+from mta.clientsession import (
+    ClientSettings,
+    SessionResult,
+    Target,
+    TLSSession,
+    Transaction,
+)
 from mta.config import Config
 from mta.envelope import Attempt, Envelope
 from mta.nexthop import NextHop, domain_of, next_hop
@@ -22,13 +29,6 @@ from mta.outcomes import FALLBACK_LATER, FALLBACK_NOW, plan_fallback, status_of
 from mta.policy import PolicyChoice, choose_policy
 from mta.reply import Reply
 from mta.resolver import LookupFailed
-from mta.smtpclient import (
-    ClientSettings,
-    SessionResult,
-    Target,
-    TLSSession,
-    Transaction,
-)
 from mta.tlsverdict import (
     ESTABLISHED,
     FALLBACK_CANDIDATE,

@@ -16,11 +16,11 @@ from typing import Iterator
 from cryptography import x509
 from OpenSSL import SSL
 
+from mta.clientsession import Target
 from mta.config import LEVELS, Config
 from mta.nexthop import MX, domain_of, next_hop
 from mta.policy import choose_policy
 from mta.resolver import LookupFailed, make_resolver, targets_for
-from mta.smtpclient import Target
 from mta.tlsctx import VERIFY_ERRORS, client_context
 from mta.tlsverdict import (
     ESTABLISHED,

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mta.config import Config, HostPort
+from mta.config import Config
+from mta.configvalues import HostPort
 
 MX = "mx"  # look up the MX records of `name`
 HOSTS = "hosts"  # connect to these hosts, by A/AAAA

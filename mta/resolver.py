@@ -20,10 +20,10 @@ import dns.resolver
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 
-from mta.config import HostPort
+from mta.clientsession import Target
+from mta.configvalues import HostPort
 from mta.nexthop import MX, NextHop
 from mta.reply import Reply
-from mta.smtpclient import Target
 
 
 class LookupFailed(Exception):

@@ -19,14 +19,14 @@ rest, whose faults TWISTED-NOTES.md lists:
 
 Which recipients a listener takes, and the MAIL and RCPT syntax, are pure
 functions in `mta.relaycontrol`; the DATA stream is decoded by the pure
-`DataDecoder` below.
+`DataDecoder` of `mta.datadecoder`.  The values a connection holds are in
+`mta.serversession`, the fixed replies in `mta.serverreplies`.
 """
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -39,12 +39,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.config import Config, Listener
+from mta.datadecoder import DataDecoder
 from mta.envelope import Client, Envelope, Recipient, TLSFacts
-from mta.hops import HopCounter, too_many_hops
+from mta.hops import too_many_hops
 from mta.logs import log_accepted, log_event, log_reject
 from mta.received import received_header
 from mta.relaycontrol import (
-    TOO_BIG,
     parse_mail,
     parse_rcpt,
     postmaster_domain,
@@ -52,6 +52,37 @@ from mta.relaycontrol import (
     recipient_verdict,
 )
 from mta.reply import Reply
+from mta.serverreplies import (
+    BAD_SYNTAX,
+    BARE_NEWLINE_IN_COMMAND,
+    BYE,
+    CANNOT_VRFY,
+    HELP,
+    IN_TRANSACTION,
+    LINE_TOO_LONG,
+    MUST_STARTTLS,
+    NEED_HELO,
+    NEED_MAIL,
+    NEED_RECIPIENTS,
+    NESTED_MAIL,
+    OK,
+    OK_RECIPIENT,
+    OK_SENDER,
+    START_DATA,
+    START_TLS,
+    TLS_ACTIVE,
+    TLS_UNAVAILABLE,
+    UNKNOWN_COMMAND,
+    reply_text,
+    syntax,
+    write_error_reply,
+)
+from mta.serversession import (
+    CommitMessage,
+    MessageInProgress,
+    Settings,
+    Transaction,
+)
 from mta.spool import MessageWriter, Spool
 from mta.tlsctx import ServerCreator
 
@@ -65,202 +96,8 @@ MAX_COMMAND_LINE = 2048
 # verified name, so log lines and Received headers read the same.
 UNKNOWN_HOST = "unknown"
 
-# --- replies -------------------------------------------------------------
-# RFC 2034 puts an enhanced status code on every reply but the greeting and
-# the replies to HELO and EHLO; 3xx replies have no class to put one in.
-
-OK = Reply(250, "2.0.0", "Ok")
-OK_SENDER = Reply(250, "2.1.0", "Ok")
-OK_RECIPIENT = Reply(250, "2.1.5", "Ok")
-START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
-START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
-BYE = Reply(221, "2.0.0", "Bye")
-CANNOT_VRFY = Reply(252, "2.5.0", "Cannot VRFY user; try RCPT to attempt delivery")
-HELP = Reply(
-    214,
-    "2.0.0",
-    "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY STARTTLS",
-)
-
-BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
-LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
-BARE_NEWLINE_IN_COMMAND = Reply(
-    500, "5.5.2", "Error: bare CR or LF in command; lines must end in CRLF"
-)
-UNKNOWN_COMMAND = Reply(502, "5.5.2", "Error: command not recognized")
-NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
-NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
-NEED_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
-NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
-IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
-TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
-TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available due to local problem")
-MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
-
-BARE_NEWLINE_IN_DATA = Reply(
-    550, "5.6.0", "Message contains bare CR or LF; lines must end in CRLF"
-)
-QUEUE_WRITE_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
-NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
-
-
-def syntax(usage: str) -> Reply:
-    return Reply(501, "5.5.4", f"Syntax: {usage}")
-
-
-def reply_text(reply: Reply) -> str:
-    """``250 2.0.0 Ok``; a reply without an enhanced code has no gap."""
-    words = (str(reply.code), reply.dsn, reply.text)
-    return " ".join(word for word in words if word)
-
-
-# --- the DATA stream ---------------------------------------------------------
-
-_LINE_START, _DOT, _DOT_CR, _IN_LINE = range(4)
-_CR, _LF, _PERIOD = 13, 10, 46
-
-
-def _only_crlf(data: bytes) -> bool:
-    """Every CR is followed by LF and every LF preceded by CR."""
-    pairs = data.count(b"\r\n")
-    return data.count(b"\r") == pairs and data.count(b"\n") == pairs
-
-
-class DataDecoder:
-    """Turns the bytes after 354 into the message, one read at a time.
-
-    It removes the dot-stuffing (RFC 5321 4.5.2) and finds the end, which is
-    CRLF.CRLF and nothing else (the CRLF of the DATA command counts as the
-    first).  It keeps only the state it needs across reads: where in a line
-    it is, and whether the last byte was a CR; never a whole line.
-
-    Lines of any length are taken and kept as they came, even past the 998
-    octets of RFC 5322: we relay them unchanged, as Postfix does, rather than
-    fold or refuse mail the sender's own server accepted.  A bare CR or LF
-    anywhere, or a size past ``limit``, marks the message failed: from then
-    on nothing is given back to store, but the stream is still read to its
-    end, so the failure is answered in its place, after CRLF.CRLF.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.size = 0  # message bytes after unstuffing
-        self.failure: Reply | None = None
-        self._state = _LINE_START
-        self._after_cr = False  # in a line, and the last byte was CR
-
-    def fail(self, reply: Reply) -> None:
-        if self.failure is None:
-            self.failure = reply
-
-    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
-        """The bytes to store, and what follows CRLF.CRLF (None while the
-        message goes on)."""
-        pieces: list[bytes] = []
-        position = 0
-        while position < len(data):
-            byte = data[position]
-            if self._state == _LINE_START and byte == _PERIOD:
-                self._state = _DOT  # the dot itself is never stored
-                position += 1
-            elif self._state == _DOT and byte == _CR:
-                self._state = _DOT_CR
-                position += 1
-            elif self._state == _DOT_CR and byte == _LF:
-                self._state = _LINE_START
-                return self._store(pieces), data[position + 1 :]
-            else:
-                if self._state == _DOT_CR:
-                    self.fail(BARE_NEWLINE_IN_DATA)  # ".", CR, not LF
-                self._state = _IN_LINE
-                position = self._in_line(data, position, pieces)
-        return self._store(pieces), None
-
-    def _in_line(self, data: bytes, position: int, pieces: list[bytes]) -> int:
-        """Take bytes up to the next line that starts with a dot (which
-        needs a look), or to the end of the read; return where it stopped."""
-        if self._after_cr:
-            self._after_cr = False
-            if data[position] == _LF:  # the CR ended the previous read
-                pieces.append(b"\n")
-                self._state = _LINE_START
-                return position + 1
-            self.fail(BARE_NEWLINE_IN_DATA)
-
-        found = data.find(b"\r\n.", position)
-        stop = len(data) if found < 0 else found + 2
-        span = data[position:stop]
-        if span.endswith(b"\r\n"):
-            self._state = _LINE_START
-        elif span.endswith(b"\r"):
-            self._after_cr = True  # its LF may come in the next read
-            span = span[:-1]
-            pieces.append(span)
-            pieces.append(b"\r")
-            if not _only_crlf(span):
-                self.fail(BARE_NEWLINE_IN_DATA)
-            return stop
-        if not _only_crlf(span):
-            self.fail(BARE_NEWLINE_IN_DATA)
-        pieces.append(span)
-        return stop
-
-    def _store(self, pieces: list[bytes]) -> bytes:
-        if self.failure is not None:
-            return b""
-        stored = b"".join(pieces)
-        self.size += len(stored)
-        if self.size > self.limit:
-            self.fail(TOO_BIG)
-            return b""
-        return stored
-
 
 # --- the session ---------------------------------------------------------------
-
-CommitMessage = Callable[[MessageWriter, Envelope], "Deferred[None]"]
-
-
-@dataclass(frozen=True, slots=True)
-class Transaction:
-    """A mail transaction from MAIL to the end of DATA (RFC 5321 3.3)."""
-
-    sender: str  # "" for the null reverse-path
-    arrival: float
-    body: str
-    recipients: tuple[str, ...] = ()
-
-    def has_recipient(self, address: str) -> bool:
-        # The local part is case-sensitive (RFC 5321 2.4); the domain is not.
-        wanted = _mailbox_key(address)
-        return any(_mailbox_key(known) == wanted for known in self.recipients)
-
-
-def _mailbox_key(address: str) -> str:
-    local, _, domain = address.rpartition("@")
-    return f"{local}@{domain.lower()}"
-
-
-@dataclass(slots=True)
-class _MessageInProgress:
-    transaction: Transaction
-    writer: MessageWriter
-    decoder: DataDecoder
-    hops: HopCounter = field(default_factory=HopCounter)
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """What one connection works with, fixed when it opens: a reload
-    changes the next connection, never one in progress."""
-
-    config: Config
-    listener: Listener
-    spool: Spool
-    tls_creator: ServerCreator | None
-    on_queued: Callable[[Envelope], None]
-    commit: CommitMessage
-    reactor: Any  # IReactorTime
 
 
 @implementer(IHandshakeListener)
@@ -283,7 +120,7 @@ class RelayServer(smtp.ESMTP):
         self._helo_name: str | None = None
         self._esmtp = False
         self._transaction: Transaction | None = None
-        self._message: _MessageInProgress | None = None
+        self._message: MessageInProgress | None = None
         self._tls_started = False
         self._waiting = False  # a reply is pending: hold the input
         self._processing = False
@@ -416,12 +253,12 @@ class RelayServer(smtp.ESMTP):
             self._message = None
             self._end_of_data(message)
 
-    def _store(self, message: _MessageInProgress, data: bytes) -> None:
+    def _store(self, message: MessageInProgress, data: bytes) -> None:
         message.hops.feed(data)
         try:
             message.writer.write(data)
         except OSError as error:
-            message.decoder.fail(_write_error_reply(error))
+            message.decoder.fail(write_error_reply(error))
             self._log_write_error(message.writer.queue_id, error)
 
     # --- replies -----------------------------------------------------
@@ -582,7 +419,7 @@ class RelayServer(smtp.ESMTP):
             writer = self.settings.spool.new_message()
         except OSError as error:
             self._log_write_error("(new)", error)
-            return _write_error_reply(error)
+            return write_error_reply(error)
         header = received_header(
             helo=self._helo_name or "",
             client_host=UNKNOWN_HOST,
@@ -595,7 +432,7 @@ class RelayServer(smtp.ESMTP):
             when=self.settings.reactor.seconds(),
         )
         decoder = DataDecoder(self.settings.config.limits.message_size)
-        message = _MessageInProgress(transaction, writer, decoder)
+        message = MessageInProgress(transaction, writer, decoder)
         self._store(message, header)
         if decoder.failure is not None:
             writer.abort()
@@ -629,7 +466,7 @@ class RelayServer(smtp.ESMTP):
 
     # --- the end of a message ------------------------------------------
 
-    def _end_of_data(self, message: _MessageInProgress) -> None:
+    def _end_of_data(self, message: MessageInProgress) -> None:
         failure = message.decoder.failure
         if failure is None and message.hops.count > self.settings.config.limits.hops:
             failure = too_many_hops(message.hops.count)
@@ -655,7 +492,7 @@ class RelayServer(smtp.ESMTP):
         committed.addErrback(self._unexpected)
         committed.addBoth(self._resume)
 
-    def _envelope(self, message: _MessageInProgress) -> Envelope:
+    def _envelope(self, message: MessageInProgress) -> Envelope:
         transaction = message.transaction
         client = Client(
             helo=self._helo_name or "",
@@ -694,7 +531,7 @@ class RelayServer(smtp.ESMTP):
             error = OSError(str(error))
         # Logged as an error, with the reply: no second, "reject" line.
         self._log_write_error(writer.queue_id, error)
-        self._reply(_write_error_reply(error))
+        self._reply(write_error_reply(error))
 
     def _unexpected(self, failure: Failure) -> None:
         _log.failure("after the end of DATA", failure)
@@ -708,7 +545,7 @@ class RelayServer(smtp.ESMTP):
         self._process()
 
     def _log_write_error(self, queue_id: str, error: OSError) -> None:
-        reply = _write_error_reply(error)
+        reply = write_error_reply(error)
         log_event(
             "error",
             f"{queue_id}: cannot write the queue file for {self._client()}: "
@@ -716,10 +553,6 @@ class RelayServer(smtp.ESMTP):
             "spool_error",
             queue_id=queue_id,
         )
-
-
-def _write_error_reply(error: OSError) -> Reply:
-    return NO_STORAGE if error.errno == errno.ENOSPC else QUEUE_WRITE_ERROR
 
 
 # --- the factory ---------------------------------------------------------------

@@ -18,16 +18,8 @@ import trustme
 import yaml
 from OpenSSL import SSL
 
-from mta.config import (
-    DEFAULT_CIPHERS,
-    DEFAULT_CIPHERSUITES,
-    ConfigError,
-    HostPort,
-    load_config,
-    parse_duration,
-    parse_hostport,
-    parse_size,
-)
+from mta.config import DEFAULT_CIPHERS, DEFAULT_CIPHERSUITES, ConfigError, load_config
+from mta.configvalues import HostPort, parse_duration, parse_hostport, parse_size
 from mta.selfsigned import write_self_signed
 from mta.tlsctx import check_tls_config
 

@@ -17,11 +17,7 @@ import pytest
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, succeed
 
-from mta.config import load_config
-from mta.delivery import Deliverer, GroupResult, group_recipients
-from mta.envelope import Client, Envelope, Recipient
-from mta.reply import Reply
-from mta.smtpclient import (
+from mta.clientsession import (
     ClientSettings,
     SessionFailure,
     SessionResult,
@@ -29,6 +25,10 @@ from mta.smtpclient import (
     TLSSession,
     Transaction,
 )
+from mta.config import load_config
+from mta.delivery import Deliverer, GroupResult, group_recipients
+from mta.envelope import Client, Envelope, Recipient
+from mta.reply import Reply
 
 NOW = 1_000_000.0
 RCPT = "bob@dest.test"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mta.config import Config, HostPort, load_config
+from mta.config import Config, load_config
+from mta.configvalues import HostPort
 from mta.nexthop import HOSTS, MX, NextHop, domain_of, next_hop
 
 COMMON = """\

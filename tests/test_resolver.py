@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from mta.config import HostPort
+from mta.clientsession import Target
+from mta.configvalues import HostPort
 from mta.nexthop import HOSTS, MX, NextHop
 from mta.resolver import LookupFailed, make_resolver, targets_for
-from mta.smtpclient import Target
 from tests.peers.dnsserver import DNSServer
 
 

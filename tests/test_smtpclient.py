@@ -22,20 +22,20 @@ from OpenSSL import SSL
 from twisted.internet import defer, protocol, reactor, task
 from twisted.protocols.basic import LineReceiver
 
-from mta.config import DEFAULT_CIPHERS, DEFAULT_CIPHERSUITES, Timeouts, TLSConfig
-from mta.reply import Reply
-from mta.smtpclient import (
+from mta.clientsession import (
     ClientSettings,
     SessionFailure,
     SessionResult,
     Target,
     Transaction,
     TLSSession,
-    deliver,
     mail_parameters,
     parse_ehlo,
     refuse_before_mail,
 )
+from mta.config import DEFAULT_CIPHERS, DEFAULT_CIPHERSUITES, Timeouts, TLSConfig
+from mta.reply import Reply
+from mta.smtpclient import deliver
 from mta.tlsctx import ServerCreator, client_context, server_context
 from tests.peers import certs, smtppeer
 

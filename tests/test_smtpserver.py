@@ -28,9 +28,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.config import DEFAULT_CIPHERS, Config, load_config
+from mta.datadecoder import DataDecoder
 from mta.envelope import Envelope, TLSFacts
 from mta.received import received_header
-from mta.smtpserver import DataDecoder, RelayServer, RelayServerFactory
+from mta.smtpserver import RelayServer, RelayServerFactory
 from mta.spool import MessageWriter, Spool
 from mta.tlsctx import ServerCreator, server_context
 from tests.peers import certs

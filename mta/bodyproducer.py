@@ -1,0 +1,72 @@
+"""The message body on its way out: a Twisted pull producer that reads the
+spool file and writes it through `BodyEncoder` (dot-stuffing, CRLF line
+ends), the end-of-data marker with the last bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+from twisted.internet.interfaces import IPullProducer
+from zope.interface import implementer
+
+from mta.bodyencoder import BodyEncoder
+
+CHUNK_SIZE = 64 * 1024
+
+
+@implementer(IPullProducer)
+class BodyProducer:
+    """Reads the body file in chunks as the transport asks for more, so a
+    large message takes two chunks of memory; writes the terminator with
+    the last body bytes, so Nagle never holds it back on its own."""
+
+    def __init__(
+        self,
+        body: BinaryIO,
+        transport: Any,
+        sent: Callable[[], None],
+        failed: Callable[[OSError], None],
+        progress: Callable[[], None],
+    ) -> None:
+        self._body = body
+        self._transport = transport
+        self._sent = sent
+        self._failed = failed
+        self._progress = progress
+        self._encoder = BodyEncoder()
+        self._next: bytes | None = None
+        self._stopped = False
+
+    def resumeProducing(self) -> None:
+        if self._stopped:
+            return  # never a terminator after a body cut short
+        try:
+            chunk = self._next if self._next is not None else self._read()
+            self._next = self._read()
+        except OSError as error:
+            self._stop()
+            self._failed(error)
+            return
+
+        data = self._encoder.encode(chunk)
+        if self._next:
+            self._transport.write(data)
+            self._progress()
+            return
+        self._transport.write(data + self._encoder.finish())
+        self._stop()
+        self._sent()
+
+    def _read(self) -> bytes:
+        return self._body.read(CHUNK_SIZE)
+
+    def _stop(self) -> None:
+        self._stopped = True
+        self._transport.unregisterProducer()
+        self._body.close()
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        self._body.close()
