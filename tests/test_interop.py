@@ -523,9 +523,16 @@ def test_corpus_arrives_byte_for_byte(interop: Interop) -> None:
     queued = submit_all(interop.relay.listener("submission"), samples, sessions=6)
 
     inbox = Inbox(interop.dest.postfix)
-    delivered = inbox.wait_for(
-        {s.message_id: len(s.recipients) for s in samples}, timeout=60
-    )
+    try:
+        delivered = inbox.wait_for(
+            {s.message_id: len(s.recipients) for s in samples}, timeout=60
+        )
+    except AssertionError as error:
+        # What the relay said about the ones that did not come.
+        lines = [line for line in interop.relay.log().splitlines()
+                 if "status=" in line and "status=sent" not in line]
+        raise AssertionError(f"{error}\n--- relay (not sent):\n"
+                             + "\n".join(lines[-40:])) from None
     problems = []
     for sample in samples:
         expected = as_stored(sample.message)
@@ -580,9 +587,16 @@ def test_postfix_client_relays_through_us_over_tls(interop: Interop) -> None:
     submit_all((client.address, client.port), samples, sessions=4, starttls=False)
 
     inbox = Inbox(interop.dest.postfix)
-    delivered = inbox.wait_for(
-        {s.message_id: len(s.recipients) for s in samples}, timeout=60
-    )
+    try:
+        delivered = inbox.wait_for(
+            {s.message_id: len(s.recipients) for s in samples}, timeout=60
+        )
+    except AssertionError as error:
+        # What the relay said about the ones that did not come.
+        lines = [line for line in interop.relay.log().splitlines()
+                 if "status=" in line and "status=sent" not in line]
+        raise AssertionError(f"{error}\n--- relay (not sent):\n"
+                             + "\n".join(lines[-40:])) from None
     problems = []
     for sample in samples:
         expected = as_stored(sample.message)

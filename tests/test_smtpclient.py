@@ -788,3 +788,27 @@ def test_bad_transaction_is_refused(
     with pytest.raises(ValueError):
         message = Transaction(sender, recipients, body, 1, False)
         deliver(reactor, target(25), message, settings())
+
+
+# SNI: the host name we connect to, never an address (RFC 6066 3).
+
+
+@pytest.mark.parametrize("name, sent", [("mx.peer.test", "mx.peer.test"),
+                                        ("127.0.0.1", None)])
+@pytest_twisted.ensureDeferred
+async def test_the_host_name_goes_as_sni(
+    peers: list[smtppeer.Peer], body: Path, context: SSL.Context,
+    name: str, sent: str | None,
+) -> None:
+    server_context = certs.server_context(certs.issue_server_cert("mx.peer.test"))
+    seen: list[str | None] = []
+    server_context.sni_callback = lambda ssl_object, server_name, ctx: (
+        seen.append(server_name))
+    peer = start(peers, smtppeer.Peer("127.0.0.1", 0,
+                                      tls_context=server_context).start())
+
+    result = await deliver(reactor, Target(name, "127.0.0.1", peer.port),
+                           transaction(body), settings(context))
+
+    assert result.tls is not None
+    assert seen == [sent]
