@@ -27,7 +27,6 @@ from mta.envelope import Attempt, Envelope
 from mta.nexthop import NextHop, domain_of, next_hop
 from mta.outcomes import FALLBACK_LATER, FALLBACK_NOW, plan_fallback, status_of
 from mta.policy import PolicyChoice, choose_policy
-from mta.reply import Reply
 from mta.resolver import LookupFailed
 from mta.tlsverdict import (
     ESTABLISHED,
