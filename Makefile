@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test setup debian-packages
+.PHONY: run test bench setup debian-packages
 
 $(BIN)/mta: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,8 @@ debian-packages:
 
 test: setup debian-packages
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The relay beside a private Postfix (README "Benchmark"); e.g.
+# make bench BENCH_ARGS="--plain --concurrency 10 --repeat 5"
+bench: setup debian-packages
+	$(BIN)/python bench/run.py $(BENCH_ARGS)

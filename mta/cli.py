@@ -1,18 +1,16 @@
 """The ``mta`` command: check the configuration, make a certificate for a
-test set-up, and look at the spool."""
+test set-up, look at and steer the spool (mta.queuecli), explain the
+TLS policy."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 
+from mta import queuecli
 from mta.config import Config, ConfigError, default_config_path, load_config
-from mta.envelope import Envelope
-from mta.spool import Spool, SpoolError
+from mta.spool import Spool
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,15 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         help="write a self-signed certificate and key where tls.certificate "
         "and tls.private_key point, when neither exists",
     )
-    queue = commands.add_parser("queue", parents=[config], help="the spool")
-    queue_commands = queue.add_subparsers(dest="queue_command", required=True)
-    listing = queue_commands.add_parser("list", parents=[config],
-                                        help="list queued messages")
-    listing.add_argument("--json", action="store_true", help="JSON output")
-    show = queue_commands.add_parser("show", parents=[config],
-                                     help="one message, with its history")
-    show.add_argument("queue_id")
-    show.add_argument("--json", action="store_true", help="JSON output")
+    queuecli.add_parser(commands, parents=[config])
     policy = commands.add_parser("policy", parents=[config], help="TLS policy")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
     explain = policy_commands.add_parser(
@@ -111,10 +101,7 @@ def queue_command(path: Path, args: argparse.Namespace) -> int:
     config = _load(path, check_tls=False)
     if config is None:
         return 1
-    spool = Spool(config.spool)
-    if args.queue_command == "show":
-        return _show(spool, args.queue_id, args.json)
-    return _list(spool, args.json)
+    return queuecli.run(Spool(config.spool), args)
 
 
 def policy_command(path: Path, args: argparse.Namespace) -> int:
@@ -139,83 +126,3 @@ def _load(path: Path, check_tls: bool) -> Config | None:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return None
-
-
-def _list(spool: Spool, as_json: bool) -> int:
-    envelopes, bad = spool.scan()
-    if as_json:
-        print(json.dumps([asdict(envelope) for envelope in envelopes], indent=2))
-        return 0
-    for envelope in envelopes:
-        hold = "!" if envelope.hold else " "
-        print(f"{envelope.queue_id}{hold} {envelope.size:>9} "
-              f"{_when(envelope.arrival)}  <{envelope.sender}>")
-        for recipient in envelope.recipients:
-            reason = f" ({recipient.reason})" if recipient.reason else ""
-            print(f"    {recipient.state:<9} <{recipient.address}>{reason}")
-    for problem in bad:
-        print(f"{problem.queue_id}  unreadable: {problem}")
-    print(f"-- {len(envelopes)} message(s) in {spool.queue}"
-          + (f", {len(bad)} unreadable" if bad else ""))
-    return 0
-
-
-def _show(spool: Spool, queue_id: str, as_json: bool) -> int:
-    try:
-        envelope = spool.load(queue_id)
-    except FileNotFoundError:
-        print(f"mta: {queue_id}: no such message in {spool.queue}",
-              file=sys.stderr)
-        return 1
-    except SpoolError as error:
-        print(f"mta: {error}", file=sys.stderr)
-        return 1
-    if as_json:
-        print(json.dumps(asdict(envelope), indent=2))
-        return 0
-    print("\n".join(_describe(envelope)))
-    print("headers:")
-    print(_headers(spool.message_path(queue_id)))
-    return 0
-
-
-def _describe(envelope: Envelope) -> list[str]:
-    client = envelope.client
-    lines = [
-        f"queue id: {envelope.queue_id}{'  (on hold)' if envelope.hold else ''}",
-        f"arrival:  {_when(envelope.arrival)}",
-        f"sender:   <{envelope.sender}>",
-        f"size:     {envelope.size} ({envelope.body})",
-        f"client:   {client.host}[{client.address}] helo={client.helo} "
-        f"listener={client.listener} tls={client.tls or 'none'}",
-    ]
-    for recipient in envelope.recipients:
-        due = (f", next attempt {_when(recipient.next_attempt)}"
-               if recipient.next_attempt else "")
-        lines.append(f"recipient <{recipient.address}>: {recipient.state}{due}")
-        for attempt in recipient.history:
-            tls = attempt.tls or ("none" if attempt.connected else "-")
-            lines.append(
-                f"  {_when(attempt.time)} {attempt.status} dsn={attempt.dsn} "
-                f"relay={attempt.relay or 'none'} tls={tls} "
-                f"trust={attempt.trust or '-'} policy={attempt.policy}"
-                + (f" rule={attempt.rule}" if attempt.rule else "")
-                + (f" fallback={attempt.fallback}" if attempt.fallback else "")
-            )
-            lines.append(f"    ({attempt.reply})")
-    return lines
-
-
-def _headers(path: Path) -> str:
-    try:
-        with open(path, "rb") as stream:
-            data = stream.read(64 * 1024)
-    except OSError as error:
-        return f"  (cannot read {path}: {error.strerror})"
-    end = data.find(b"\r\n\r\n")
-    head = data if end < 0 else data[:end]
-    return head.decode("utf-8", "replace").replace("\r\n", "\n")
-
-
-def _when(seconds: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(seconds))

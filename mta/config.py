@@ -108,6 +108,9 @@ class Limits:
     recipients: int
     idle_timeout: float
     hops: int = 50  # Received headers a message may carry (Postfix's 50)
+    # How long a stop waits for messages being received and deliveries
+    # under way before it closes them (mta.stopping).
+    stop_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,13 @@ class Delivery:
     timeouts: Timeouts
     port: int
     concurrency: int
+    # Manners toward one next hop (mta.destinations): sessions at once,
+    # failures in a row before it is suspended, the first suspension and
+    # the longest.
+    destination_concurrency: int = 20
+    destination_failure_limit: int = 3
+    destination_backoff: float = 60.0  # parsed: retry_schedule[0]
+    destination_max_backoff: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +153,23 @@ class Policy:
     recipient_domain: str | None = None
     recipient: str | None = None
     match: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsEndpoint:
+    """Where the Prometheus text endpoint listens (mta.metrics)."""
+
+    address: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Notices:
+    """Bounces and delay notices (mta.notices).  A failure is always
+    reported to the sender; these are the choices around it."""
+
+    delay_warning: float = 0.0  # 0: no delay notice
+    postmaster: str | None = None  # told when mail from <> fails
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +187,8 @@ class Config:
     defaults: Mapping[str, str]
     policies: tuple[Policy, ...] = field(default=())
     log_transcript: bool = False  # SMTP transcripts of deliveries, at debug
+    notices: Notices = Notices()
+    metrics: MetricsEndpoint | None = None  # None: no Prometheus endpoint
 
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower().rstrip(".") in self.domains
@@ -206,7 +235,8 @@ def load_config(path: str | os.PathLike[str], check_tls: bool = True) -> Config:
 
 _TOP_KEYS = (
     "hostname", "spool", "tls", "listeners", "limits", "domains", "routes",
-    "dns", "delivery", "defaults", "policies", "log_transcript",
+    "dns", "delivery", "defaults", "policies", "log_transcript", "notices",
+    "metrics",
 )
 
 
@@ -233,6 +263,8 @@ def _parse(reader: Reader, raw: Any) -> Config | None:
     delivery = _parse_delivery(reader, top.get("delivery"))
     defaults = _parse_defaults(reader, top.get("defaults"))
     policies = _parse_policies(reader, top.get("policies"))
+    notices = _parse_notices(reader, top.get("notices"))
+    metrics = _parse_metrics(reader, top.get("metrics"), listeners)
 
     if reader.problems:
         return None
@@ -253,6 +285,8 @@ def _parse(reader: Reader, raw: Any) -> Config | None:
         log_transcript=bool(
             reader.value(top, "", "log_transcript", parse_bool, default=False)
         ),
+        notices=notices,
+        metrics=metrics,
     )
 
 
@@ -351,9 +385,49 @@ def _parse_listeners(reader: Reader, raw: Any) -> tuple[Listener, ...]:
     return tuple(listeners)
 
 
+def _parse_metrics(
+    reader: Reader, raw: Any, listeners: tuple[Listener, ...]
+) -> MetricsEndpoint | None:
+    """Off unless the section is there.  The endpoint has no authentication,
+    so an address other than loopback must be acknowledged in so many words
+    (``allow_non_loopback: true``): a typo must not publish it."""
+    if raw is None:
+        return None
+    key = "metrics"
+    metrics = reader.mapping(raw, key, ("address", "port", "allow_non_loopback"))
+    if not isinstance(raw, dict):
+        return None
+    address = reader.value(metrics, key, "address", parse_ip, default="127.0.0.1")
+    port = reader.value(metrics, key, "port", parse_port, required=True)
+    allowed = reader.value(
+        metrics, key, "allow_non_loopback", parse_bool, default=False
+    )
+    if address is None or port is None:
+        return None
+
+    if not ipaddress.ip_address(address).is_loopback and not allowed:
+        reader.problem(f"{key}.address", "is not a loopback address and the "
+                       "endpoint has no authentication: use 127.0.0.1, or set "
+                       "metrics.allow_non_loopback: true and firewall the port",
+                       address)
+    for listener in listeners:
+        if listener.port == port and _addresses_overlap(listener.address, address):
+            reader.problem(f"{key}.port", f"{address}:{port} is already used "
+                           f"by listener {listener.name}", port)
+    return MetricsEndpoint(address=address, port=port)
+
+
+def _addresses_overlap(one: str, other: str) -> bool:
+    # 0.0.0.0 and :: take the port on every address.
+    return one == other or any(
+        ipaddress.ip_address(address).is_unspecified for address in (one, other)
+    )
+
+
 def _parse_limits(reader: Reader, raw: Any) -> Limits:
     limits = reader.mapping(raw, "limits", ("message_size", "recipients",
-                                            "idle_timeout", "hops"))
+                                            "idle_timeout", "hops",
+                                            "stop_timeout"))
     return Limits(
         message_size=reader.value(
             limits, "limits", "message_size", parse_size, default=50 * 1024**2
@@ -367,6 +441,7 @@ def _parse_limits(reader: Reader, raw: Any) -> Limits:
         hops=reader.value(
             limits, "limits", "hops", parse_positive_int, default=50
         ) or 50,
+        stop_timeout=_duration(reader, limits, "limits", "stop_timeout", 30),
     )
 
 
@@ -465,7 +540,8 @@ def _parse_dns(reader: Reader, raw: Any) -> tuple[tuple[str, int], ...] | None:
 def _parse_delivery(reader: Reader, raw: Any) -> Delivery:
     key = "delivery"
     keys = ("retry_schedule", "max_lifetime", "opportunistic_fallback",
-            "plaintext_fallback_delay", "timeouts", "port", "concurrency")
+            "plaintext_fallback_delay", "timeouts", "port", "concurrency",
+            *DESTINATION_KEYS)
     delivery = reader.mapping(raw, key, keys)
     schedule = reader.list_of(
         delivery, key, "retry_schedule", parse_duration,
@@ -500,7 +576,47 @@ def _parse_delivery(reader: Reader, raw: Any) -> Delivery:
         concurrency=reader.value(
             delivery, key, "concurrency", parse_positive_int, default=20
         ) or 20,
+        **_parse_destination_manners(reader, delivery, schedule or (60.0,)),
     )
+
+
+def _parse_backoff(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("a suspension must last more than zero seconds")
+    return seconds
+
+
+DESTINATION_KEYS = ("destination_concurrency", "destination_failure_limit",
+                    "destination_backoff", "destination_max_backoff")
+
+
+def _parse_destination_manners(
+    reader: Reader, delivery: dict[str, Any], schedule: tuple[float, ...]
+) -> dict[str, Any]:
+    # By default a suspension follows the retry schedule: it starts at its
+    # first step and grows to its last, at most an hour (Postfix's
+    # minimal_backoff_time and maximal_backoff_time play both parts).
+    key = "delivery"
+    backoff = _duration(reader, delivery, key, "destination_backoff",
+                        max(schedule[0], 1.0), _parse_backoff)
+    longest = _duration(reader, delivery, key, "destination_max_backoff",
+                        max(backoff, min(schedule[-1], 3600.0)),
+                        _parse_backoff)
+    if longest < backoff:
+        reader.problem(f"{key}.destination_max_backoff", "must not be shorter "
+                       f"than delivery.destination_backoff ({backoff:g}s)",
+                       delivery.get("destination_max_backoff"))
+    return {
+        "destination_concurrency": reader.value(
+            delivery, key, "destination_concurrency", parse_positive_int,
+            default=20) or 20,
+        "destination_failure_limit": reader.value(
+            delivery, key, "destination_failure_limit", parse_positive_int,
+            default=3) or 3,
+        "destination_backoff": backoff,
+        "destination_max_backoff": max(longest, backoff),
+    }
 
 
 def _duration(
@@ -594,3 +710,23 @@ def _parse_rule_address(value: Any) -> str:
     if not at or not local:
         raise ValueError("expected an address such as ceo@example.com")
     return f"{local.lower()}@{parse_domain(domain)}"
+
+
+def _parse_notices(reader: Reader, raw: Any) -> Notices:
+    notices = reader.mapping(raw, "notices", ("delay_warning", "postmaster"))
+    return Notices(
+        delay_warning=_duration(reader, notices, "notices", "delay_warning", 0),
+        postmaster=reader.value(
+            notices, "notices", "postmaster", _parse_postmaster
+        ),
+    )
+
+
+def _parse_postmaster(value: Any) -> str:
+    """An address to send notices to, kept as written but for the domain's
+    case: it goes into an envelope, where the local part's case counts."""
+    text = str(value).strip()
+    local, at, domain = text.rpartition("@")
+    if not at or not local or any(c in local for c in " <>\"\t"):
+        raise ValueError("expected an address such as postmaster@example.com")
+    return f"{local}@{parse_domain(domain)}"

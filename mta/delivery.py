@@ -7,7 +7,7 @@ gathers facts (DNS, SMTP sessions) and acts on those rules.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -17,12 +17,24 @@ from twisted.internet.defer import Deferred
 from mta import outcomes
 from mta.clientsession import (
     ClientSettings,
+    SessionFailure,
     SessionResult,
     Target,
     TLSSession,
     Transaction,
 )
 from mta.config import Config
+from mta.destinations import (
+    DEFER,
+    FAILED,
+    NEUTRAL,
+    Admission,
+    Destinations,
+    Manners,
+    Outcome,
+    destination_name,
+    session_outcome,
+)
 from mta.envelope import Attempt, Envelope
 from mta.nexthop import NextHop, domain_of, next_hop
 from mta.outcomes import FALLBACK_LATER, FALLBACK_NOW, plan_fallback, status_of
@@ -82,23 +94,50 @@ class GroupResult:
 
 @dataclass
 class Deliverer:
-    """Delivers groups with one configuration's settings and contexts."""
+    """Delivers groups with one configuration's settings and contexts.
+    ``destinations`` outlives a configuration: the relay passes the same
+    table to each new Deliverer."""
 
     config: Config
     tls_context: SSL.Context
     resolve: Resolve
     session: Session
     clock: Callable[[], float] = time.time
+    destinations: Destinations = field(default_factory=Destinations)
 
     async def deliver(
         self, envelope: Envelope, group: Group, body: Path
     ) -> GroupResult:
+        # One turn of the destination per delivery: its sessions (one host
+        # after another) are never more than one at a time.
+        manners = Manners.of(self.config.delivery)
+        name = destination_name(group.next_hop)
+        admission = await self.destinations.enter(group.next_hop, name, manners)
+        if admission.kind == DEFER:
+            return self._not_tried(group, admission)
+
+        outcome = Outcome(NEUTRAL)
+        try:
+            result, outcome = await self._deliver(envelope, group, body)
+        finally:
+            self.destinations.leave(group.next_hop, name, outcome, manners)
+        return result
+
+    async def _deliver(
+        self, envelope: Envelope, group: Group, body: Path
+    ) -> tuple[GroupResult, Outcome]:
         try:
             targets = await self.resolve(group.next_hop)
         except LookupFailed as error:
-            return self._everyone(group, self._attempt(
-                group, status_of(error.reply), error.reply.dsn,
-                error.reply.text))
+            reply = error.reply
+            attempt = self._attempt(group, status_of(reply), reply.dsn,
+                                    reply.text)
+            # A lookup that failed for now (SERVFAIL, no answer in time)
+            # counts against the destination; one that failed for good
+            # says nothing about it.
+            outcome = (Outcome(FAILED, reply.text, reply.dsn)
+                       if reply.is_temporary else Outcome(NEUTRAL))
+            return self._everyone(group, attempt), outcome
 
         transaction = Transaction(
             sender=envelope.sender,
@@ -107,7 +146,10 @@ class Deliverer:
             size=body.stat().st_size,
             body_8bit=envelope.body == "8BITMIME",
         )
-        return await self._try_hosts(envelope, group, targets, transaction)
+        sessions: list[SessionResult] = []
+        result = await self._try_hosts(envelope, group, targets, transaction,
+                                       sessions)
+        return result, session_outcome(sessions)
 
     async def _try_hosts(
         self,
@@ -115,7 +157,10 @@ class Deliverer:
         group: Group,
         targets: list[Target],
         transaction: Transaction,
+        sessions: list[SessionResult],
     ) -> GroupResult:
+        """Tries the hosts in order; ``sessions`` gathers every session's
+        result, for the destination's health."""
         level = group.policy.level
         passed_over: tuple[Target, SessionResult] | None = None
         last: tuple[Target, SessionResult] | None = None
@@ -124,6 +169,7 @@ class Deliverer:
             result = await self.session(
                 target, transaction, self._settings(group, target, level)
             )
+            sessions.append(result)
             if not result.failed_before_recipients:
                 return self._results(group, target, result, None)
             if (passed_over is None and
@@ -142,6 +188,7 @@ class Deliverer:
             result = await self.session(
                 target, transaction, self._settings(group, target, "none")
             )
+            sessions.append(result)
             if not result.failed_before_recipients:
                 return self._results(group, target, result,
                                      _fallback_reason(first))
@@ -219,6 +266,10 @@ class Deliverer:
             connected=result is not None and _connected(result),
         )
 
+    def _not_tried(self, group: Group, admission: Admission) -> GroupResult:
+        return self._everyone(group, self._attempt(
+            group, outcomes.DEFERRED, admission.dsn, admission.reason))
+
     def _everyone(self, group: Group, attempt: Attempt) -> GroupResult:
         return GroupResult({recipient: attempt for recipient in group.recipients})
 
@@ -250,7 +301,8 @@ class Deliverer:
         assert failure is not None
         reason = failure.reason
         level = group.policy.level
-        if level in ENFORCED and failure.stage in TLS_STAGES:
+        if (level in ENFORCED and failure.stage in TLS_STAGES
+                and not _server_closing(failure)):
             # Never a bounce on the server's word here: the policy refused
             # the host, and the next attempt may find a good one.
             status, dsn = outcomes.DEFERRED, _deferral_dsn(result)
@@ -288,10 +340,19 @@ def _relay(target: Target | None) -> str | None:
     return f"{target.name}[{target.address}]:{target.port}"
 
 
+def _server_closing(failure: SessionFailure) -> bool:
+    # RFC 5321 3.8: a 421 is the server closing the channel, whatever we
+    # were doing; at STARTTLS it is no TLS refusal and not the policy's doing.
+    return failure.reply is not None and failure.reply.code == 421
+
+
 def _deferral_dsn(result: SessionResult) -> str:
     failure = result.failure
     if failure is None:
         return "4.4.2"
+    if _server_closing(failure):
+        assert failure.reply is not None
+        return failure.reply.dsn
     if failure.stage in ("STARTTLS", "TLS policy"):
         return "4.7.4"
     if failure.stage == "TLS handshake":

@@ -71,6 +71,9 @@ class Recipient:
     dsn: str | None = None
     next_attempt: float | None = None
     history: tuple[Attempt, ...] = ()
+    # Its failure was reported (a bounce written, or dropped with a log
+    # line): no second bounce is made for it (mta.notices).
+    notified: bool = False
 
     @property
     def is_final(self) -> bool:
@@ -91,6 +94,7 @@ class Envelope:
     body: str = "7BIT"  # or 8BITMIME, as declared at MAIL
     hold: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    delay_notified: bool = False  # its one delay notice is written
 
     @property
     def is_done(self) -> bool:
@@ -206,6 +210,7 @@ _RECIPIENT = {
     "reason": _optional(_is_str), "dsn": _optional(_is_str),
     "next_attempt": _optional(_is_number),
     "history": _list_of(_mapping(_ATTEMPT, "attempt")),
+    "notified": _is_bool,
 }
 _CLIENT = {"helo": _is_str, "host": _is_str, "address": _is_str,
            "listener": _is_str, "tls": _TLS}
@@ -216,6 +221,14 @@ _ENVELOPE = {
     and all(_mapping(_RECIPIENT, "recipient")(item) for item in value),
     "body": _one_of("7BIT", "8BITMIME"), "hold": _is_bool,
     "extra": lambda value: isinstance(value, dict),
+    "delay_notified": _is_bool,
+}
+
+# Fields added after FORMAT_VERSION 1 was first written, with the value an
+# envelope written before them means: old spools keep loading.
+_ADDED_LATER: dict[str, dict[str, Any]] = {
+    "recipient": {"notified": False},
+    "envelope": {"delay_notified": False},
 }
 
 
@@ -225,6 +238,8 @@ def _check(raw: Any, fields: dict[str, Any], name: str) -> None:
     unknown = set(raw) - set(fields)
     if unknown:
         raise KeyError(f"{name} has unknown fields {sorted(unknown)}")
+    for key, value in _ADDED_LATER.get(name, {}).items():
+        raw.setdefault(key, value)
     for key, check in fields.items():
         if key not in raw:
             raise KeyError(f"{name} lacks {key}")

@@ -8,7 +8,7 @@ observer sees what the text shows.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import sys
 
@@ -55,6 +55,7 @@ def accepted_line(envelope: Envelope) -> str:
 def log_accepted(envelope: Envelope) -> None:
     _emit("info", accepted_line(envelope), "accepted",
           {"queue_id": envelope.queue_id})
+    _count("accepted", envelope)
 
 
 def delivery_line(
@@ -91,6 +92,7 @@ def log_delivery(
     _emit(level, delivery_line(queue_id, recipient, attempt, delay),
           "delivery", {"queue_id": queue_id, "to": recipient,
                        "status": attempt.status})
+    _count("delivery", recipient, attempt)
 
 
 def reject_line(command: str, host: str, address: str, reply: str) -> str:
@@ -111,3 +113,36 @@ def json_observer() -> ILogObserver:
     """``twistd --logger mta.logs.json_observer``: every event as one JSON
     object per line on standard output, with the fields above."""
     return jsonFileLogObserver(sys.stdout)
+
+
+# --- counters fed by the same calls --------------------------------------
+
+
+class EventCounter(Protocol):
+    """Told of every accepted message and every recipient attempt, as they
+    are logged (mta.metrics), so counters and log lines never disagree."""
+
+    def accepted(self, envelope: Envelope) -> None: ...
+
+    def delivery(self, recipient: str, attempt: Attempt) -> None: ...
+
+
+_counters: list[EventCounter] = []
+
+
+def add_event_counter(counter: EventCounter) -> None:
+    _counters.append(counter)
+
+
+def remove_event_counter(counter: EventCounter) -> None:
+    if counter in _counters:
+        _counters.remove(counter)
+
+
+def _count(event: str, *args: Any) -> None:
+    for counter in list(_counters):
+        # A fault in counting must never fail a delivery or a 250.
+        try:
+            getattr(counter, event)(*args)
+        except Exception:
+            log.failure("counting a {event} event failed", event=event)

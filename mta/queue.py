@@ -26,8 +26,18 @@ from twisted.python.failure import Failure
 
 from mta.config import Config
 from mta.delivery import Deliverer, Group, GroupResult, group_recipients
-from mta.envelope import FAILED, Envelope
-from mta.logs import log, log_delivery, log_event
+from mta.envelope import Envelope
+from mta.envelopesave import save_envelope
+from mta.logs import log, log_accepted, log_delivery, log_event
+from mta.notices import (
+    Notice,
+    discarded_line,
+    is_finished,
+    mark_notified,
+    notified_line,
+    notices_due,
+)
+from mta.noticewriter import write_notice
 from mta.outcomes import settle
 from mta.spool import Locked, Spool, SpoolError
 
@@ -74,6 +84,11 @@ class QueueRunner:
             self._timer.cancel()
         return DeferredList(list(self._active.values()))
 
+    @property
+    def delivering(self) -> int:
+        """How many messages are being delivered now."""
+        return len(self._active)
+
     # --- scheduling ----------------------------------------------------
 
     def wakeup(self, queue_id: str, due: float | None = None) -> None:
@@ -100,7 +115,14 @@ class QueueRunner:
         self._pump()
 
     def _quarantine(self, problem: SpoolError) -> None:
-        self.spool.quarantine(problem.queue_id)
+        try:
+            self.spool.quarantine(problem.queue_id)
+        except OSError as error:
+            # Left where it is: the next scan tries again.
+            log_event("error", f"{problem.queue_id}: {problem}; cannot move "
+                      f"it to {self.spool.corrupt}: {error}", "spool-corrupt",
+                      queue_id=problem.queue_id)
+            return
         log_event("error", f"{problem.queue_id}: moved to {self.spool.corrupt}: "
                   f"{problem}; it will not be delivered until an operator "
                   "repairs it", "spool-corrupt", queue_id=problem.queue_id)
@@ -199,7 +221,9 @@ class QueueRunner:
         for group in group_recipients(deliverer.config, due):
             result = await deliverer.deliver(envelope, group, body)
             envelope = self._record(envelope, group, result, deliverer)
-            await threads.deferToThread(self.spool.save, envelope)
+            # A full disk must not cost the record of who got the mail.
+            await save_envelope(self.reactor, self.spool, envelope,
+                                lambda: self._stopping)
         return envelope
 
     def _record(
@@ -221,18 +245,65 @@ class QueueRunner:
         return envelope
 
     async def _finish(self, envelope: Envelope) -> None:
-        # A message whose recipients all got their 250 is gone; one with
-        # failed recipients stays, marked, for the operator (bounces are
-        # not sent yet: see the README's Limitations).
-        if envelope.is_done:
-            if not any(r.state == FAILED for r in envelope.recipients):
-                await threads.deferToThread(self.spool.remove, envelope.queue_id)
-                log_event("info", f"{envelope.queue_id}: removed", "removed",
-                          queue_id=envelope.queue_id)
+        # Bounces and delay notices first: a message leaves the spool only
+        # once every recipient is final and every failure reported.
+        notified = await self._send_notices(envelope)
+        if notified is None:
+            return  # the next scan tries again
+        envelope = notified
+        if is_finished(envelope):
+            await threads.deferToThread(self.spool.remove, envelope.queue_id)
+            log_event("info", f"{envelope.queue_id}: removed", "removed",
+                      queue_id=envelope.queue_id)
             return
         due = _next_due(envelope, self.clock())
         if due is not None:
             self._schedule(envelope.queue_id, due)
+
+    async def _send_notices(self, envelope: Envelope) -> Envelope | None:
+        """Write the bounces and delay notice ``envelope`` needs into the
+        spool, then record that they were made; the updated envelope, or
+        None when one could not be written.  The notice is committed
+        before the mark is saved: a crash in between makes it twice, never
+        loses it (mta.noticewriter)."""
+        config = self.get_config()
+        for notice in notices_due(envelope, self.clock(), config.notices):
+            if not await self._make_notice(envelope, notice, config):
+                return None
+            envelope = mark_notified(envelope, notice)
+            try:
+                await threads.deferToThread(self.spool.save, envelope)
+            except OSError as error:
+                log_event("error", f"{envelope.queue_id}: cannot record its "
+                          f"{notice.kind} notice: {error}; the notice may be "
+                          "made again at the next scan", "notice-error",
+                          queue_id=envelope.queue_id)
+                return None
+        return envelope
+
+    async def _make_notice(
+        self, envelope: Envelope, notice: Notice, config: Config
+    ) -> bool:
+        """Commit one notice to the spool and wake up for it, or log the
+        one line of a notice no one may get; False if it failed."""
+        queue_id = envelope.queue_id
+        if notice.to is None:
+            log_event("warn", discarded_line(envelope, notice),
+                      "bounce-discarded", queue_id=queue_id)
+            return True
+        try:
+            made = await threads.deferToThread(
+                write_notice, self.spool, envelope, notice, config, self.clock())
+        except OSError as error:
+            log_event("error", f"{queue_id}: cannot write its {notice.kind} "
+                      f"notice to the spool: {error}; trying again at the "
+                      "next scan", "notice-error", queue_id=queue_id)
+            return False
+        log_accepted(made)
+        log_event("info", notified_line(queue_id, notice, made.queue_id),
+                  "notice", queue_id=queue_id)
+        self.wakeup(made.queue_id)
+        return True
 
 
 def _next_due(envelope: Envelope, now: float) -> float | None:
@@ -240,6 +311,5 @@ def _next_due(envelope: Envelope, now: float) -> float | None:
         return None
     times = [recipient.next_attempt or now for recipient in envelope.recipients
              if not recipient.is_final]
-    if not times and not any(r.state == FAILED for r in envelope.recipients):
-        return now  # delivered in full, not yet removed: remove it now
-    return min(times) if times else None
+    # Every recipient final: its notices and removal are left to do now.
+    return min(times) if times else now

@@ -59,5 +59,10 @@ def reply_text(reply: Reply) -> str:
     return " ".join(word for word in words if word)
 
 
+# A full disk and a full quota are "try later" conditions the client can
+# wait out (RFC 3463 X.3.1); any other spool error is a local fault.
+_OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 def write_error_reply(error: OSError) -> Reply:
-    return NO_STORAGE if error.errno == errno.ENOSPC else QUEUE_WRITE_ERROR
+    return NO_STORAGE if error.errno in _OUT_OF_SPACE else QUEUE_WRITE_ERROR

@@ -11,25 +11,26 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from functools import partial
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import error as netError
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.python import usage
 
 from mta import __version__
 from mta.config import Config, ConfigError, default_config_path, load_config
-from mta.delivery import Deliverer
+from mta.destinations import Destinations
 from mta.envelope import Envelope
+from mta.filemodes import warn_if_key_exposed
 from mta.logs import log_event
+from mta.metrics import start_metrics
 from mta.queue import QueueRunner
-from mta.resolver import make_resolver, resolve_targets
-from mta.smtpclient import deliver
+from mta.reload import Reloader, Running, build, log_expiry
 from mta.smtpserver import RelayServerFactory
 from mta.spool import Spool
-from mta.tlsctx import ServerCreator, client_context, server_context
+from mta.stopping import stop_gracefully
 
 
 class Options(usage.Options):
@@ -64,27 +65,32 @@ class RelayService(service.Service):
             reactor = default_reactor
         self.reactor = reactor
         self.ports: list[IListeningPort] = []
+        self.factories: list[RelayServerFactory] = []
         self.spool = Spool(config.spool)
-        self._install(config)
+        self.destinations = Destinations()
+        self._install(build(config, reactor))
         self.queue = QueueRunner(
             reactor, self.spool, lambda: self.config, lambda: self.deliverer
         )
+        self.reloader = Reloader(reactor, lambda: self.live, self._install)
 
-    def _install(self, config: Config) -> None:
-        self.config = config
-        self.tls_creator = ServerCreator(server_context(config.tls))
-        resolver = make_resolver(config.nameservers)
-        self.deliverer = Deliverer(
-            config=config,
-            tls_context=client_context(config.tls),
-            resolve=partial(resolve_targets, resolver),
-            session=partial(deliver, self.reactor),
-        )
+    def _install(self, running: Running) -> None:
+        # One reactor step: no connection or attempt sees half of it.
+        self.live = running
+        self.config = running.config
+        self.tls_creator = running.tls_creator
+        self.deliverer = running.deliverer
+        # Each destination's health and turns outlive a configuration.
+        self.deliverer.destinations = self.destinations
 
     def privilegedStartService(self) -> None:
         # Ports are bound here, before twistd drops privileges (-u/-g), so
         # an unprivileged relay can still listen on port 25.  The spool is
         # created later, as the user the relay runs as.
+        # SIGHUP is caught before any port answers: one sent as soon as the
+        # relay is seen listening must reload it, not kill it.
+        self._reload_on_sighup()
+        warn_if_key_exposed(self.config.tls.private_key)  # root sees every folder
         for listener in self.config.listeners:
             factory = RelayServerFactory(
                 listener.name,
@@ -106,25 +112,31 @@ class RelayService(service.Service):
                 )
                 raise SystemExit(1) from None
             self.ports.append(port)
+            self.factories.append(factory)
+        # Off unless configured; it serves until the process ends, so a
+        # graceful stop can be watched draining.
+        self.metrics = start_metrics(self.reactor, lambda: self.config, self.spool)
         service.Service.privilegedStartService(self)
 
     def startService(self) -> None:
         self._open_spool()
         service.Service.startService(self)
-        self._ignore_sighup()
         names = ", ".join(f"{listener.name}={listener.address}:{listener.port}"
                           f"/{listener.role}" for listener in self.config.listeners)
         log_event("info", f"mta {__version__} started: config={self.config.path} "
                   f"spool={self.config.spool} listeners={names}", "start")
+        log_expiry(self.live)
         self.queue.start()
 
     def stopService(self) -> Any:
+        # twistd waits for the returned Deferred before closing the rest.
         service.Service.stopService(self)
-        for port in self.ports:
-            port.stopListening()
-        self.ports = []
         log_event("info", "mta stopping", "stop")
-        return self.queue.stop()
+        ports, self.ports = self.ports, []
+        return Deferred.fromCoroutine(stop_gracefully(
+            self.reactor, ports, self.factories, self.queue,
+            self.config.limits.stop_timeout,
+        ))
 
     def _open_spool(self) -> None:
         try:
@@ -139,13 +151,11 @@ class RelayService(service.Service):
             )
             raise SystemExit(1) from None
 
-    def _ignore_sighup(self) -> None:
-        # Until reload exists, a SIGHUP (logrotate sends them) must not stop
-        # the relay, which is its default action.
+    def _reload_on_sighup(self) -> None:
+        # The handler runs between two bytecodes of whatever the reactor
+        # was doing: it only asks the reactor to start the reload.
         def hangup(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(
-                log_event, "warn", "SIGHUP: reload is not supported yet; the "
-                "running configuration stays in force", "reload")
+            self.reactor.callFromThread(self.reloader.request)
 
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, hangup)

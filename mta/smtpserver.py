@@ -125,6 +125,7 @@ class RelayServer(smtp.ESMTP):
         self._waiting = False  # a reply is pending: hold the input
         self._processing = False
         self._closing = False
+        self._stopping = False  # the relay stops: no new transaction
 
     # --- connection events -------------------------------------------
 
@@ -145,6 +146,24 @@ class RelayServer(smtp.ESMTP):
     def timeoutConnection(self) -> None:
         hostname = self.settings.config.hostname
         self._reply(Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded"))
+        self._closing = True
+        self.transport.loseConnection()
+
+    def shut_down(self) -> None:
+        """The relay is stopping: a message being received or committed
+        is finished and answered; then, or now if there is none, the client
+        is told 421 and the connection closed."""
+        self._stopping = True
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        if self._closing or self._waiting or self._message is not None:
+            return
+        hostname = self.settings.config.hostname
+        # RFC 5321 3.8: 421 is the reply to any command when the service
+        # knows it must shut down.
+        self._reply(Reply(421, "4.3.2", f"{hostname} Service shutting down, "
+                          "closing transmission channel"))
         self._closing = True
         self.transport.loseConnection()
 
@@ -175,6 +194,8 @@ class RelayServer(smtp.ESMTP):
                 "lost_connection",
                 client=self._client(),
             )
+        if isinstance(self.factory, RelayServerFactory):
+            self.factory.forget(self)
         super().connectionLost(reason)
 
     # --- input -------------------------------------------------------
@@ -202,6 +223,8 @@ class RelayServer(smtp.ESMTP):
                 self._line_received(*line)
         finally:
             self._processing = False
+        if self._stopping:
+            self._close_if_idle()
 
     def _take_line(self) -> tuple[bytes, bool] | None:
         """The next command line without its CRLF, and whether it was too
@@ -222,6 +245,9 @@ class RelayServer(smtp.ESMTP):
         return line, too_long
 
     def _line_received(self, line: bytes, too_long: bool) -> None:
+        if self._stopping:
+            self._close_if_idle()
+            return
         if too_long:
             self._reply(LINE_TOO_LONG)
             return
@@ -258,7 +284,11 @@ class RelayServer(smtp.ESMTP):
         try:
             message.writer.write(data)
         except OSError as error:
+            # The rest of the body is read and dropped (the reply comes
+            # after CRLF.CRLF); the partial file goes now, so a full disk
+            # gets its space back for other clients at once.
             message.decoder.fail(write_error_reply(error))
+            message.writer.abort()
             self._log_write_error(message.writer.queue_id, error)
 
     # --- replies -----------------------------------------------------
@@ -590,6 +620,10 @@ class RelayServerFactory(ServerFactory):
         self.on_queued = on_queued
         self.reactor = reactor
         self.commit: CommitMessage = self._commit_in_thread
+        # Live connections, for a stop that lets them finish (mta.stopping).
+        self.connections: set[RelayServer] = set()
+        self._stopping = False
+        self._drained: list[Deferred[None]] = []
 
     def _commit_in_thread(
         self, writer: MessageWriter, envelope: Envelope
@@ -598,6 +632,8 @@ class RelayServerFactory(ServerFactory):
         return deferToThreadPool(self.reactor, pool, writer.commit, envelope)
 
     def buildProtocol(self, addr: Any) -> RelayServer | None:
+        if self._stopping:
+            return None
         config = self.get_config()
         listener = find_listener(config, self.listener_name)
         if listener is None:
@@ -620,7 +656,35 @@ class RelayServerFactory(ServerFactory):
             )
         )
         protocol.factory = self
+        self.connections.add(protocol)
         return protocol
+
+    def shut_down(self) -> Deferred[None]:
+        """Take no new connection; ask each open one to finish (see
+        `RelayServer.shut_down`).  Fires once every one is closed."""
+        self._stopping = True
+        drained: Deferred[None] = Deferred()
+        self._drained.append(drained)
+        for protocol in list(self.connections):
+            protocol.shut_down()
+        self._fire_if_drained()
+        return drained
+
+    def abort_all(self) -> None:
+        """Close every connection now: a message not yet committed is
+        dropped (its client got no 250 and sends it again)."""
+        for protocol in list(self.connections):
+            protocol.transport.abortConnection()
+
+    def forget(self, protocol: RelayServer) -> None:
+        self.connections.discard(protocol)
+        self._fire_if_drained()
+
+    def _fire_if_drained(self) -> None:
+        if self._stopping and not self.connections:
+            drained, self._drained = self._drained, []
+            for waiting in drained:
+                waiting.callback(None)
 
     def _tls_creator(self) -> ServerCreator | None:
         try:

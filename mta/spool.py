@@ -68,10 +68,32 @@ def _create(path: Path) -> BinaryIO:
 
 
 def _write_durably(path: Path, data: bytes) -> None:
-    with _create(path) as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
+    """A new file holding ``data``, fsync'd; on any failure (a full disk)
+    nothing is left behind, so a retry does not eat more space."""
+    try:
+        with _create(path) as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+    except BaseException:
+        _unlink_quietly(path)
+        raise
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _close_quietly(stream: BinaryIO) -> None:
+    # Closing flushes what is buffered: on a full disk that fails again,
+    # and the file is being thrown away anyway.
+    try:
+        stream.close()
+    except OSError:
+        pass
 
 
 class Spool:
@@ -170,8 +192,14 @@ class Spool:
         folder fsync)."""
         queue_id = envelope.queue_id
         temporary = self.tmp / f"{queue_id}.env.{secrets.token_hex(4)}"
+        # On a full disk the new file fails before the rename: the old
+        # envelope stays whole, and no temporary file is left to fill tmp/.
         _write_durably(temporary, to_json(envelope))
-        os.replace(temporary, self.envelope_path(queue_id))
+        try:
+            os.replace(temporary, self.envelope_path(queue_id))
+        except BaseException:
+            _unlink_quietly(temporary)
+            raise
         _fsync_folder(self.queue)
 
     def remove(self, queue_id: str) -> None:
@@ -268,7 +296,16 @@ class MessageWriter:
 
     def commit(self, envelope: Envelope) -> None:
         """Blocking (fsync): run it off the reactor thread.  When it returns,
-        the message and its envelope survive a crash."""
+        the message and its envelope survive a crash.  When it raises (a
+        full disk at the last flush or at the envelope), nothing of the
+        message is left: the client is told to send it again."""
+        try:
+            self._commit(envelope)
+        except BaseException:
+            self._undo_commit()
+            raise
+
+    def _commit(self, envelope: Envelope) -> None:
         spool = self.spool
         self.stream.flush()
         os.fsync(self.stream.fileno())
@@ -280,9 +317,18 @@ class MessageWriter:
         os.replace(temporary, spool.envelope_path(self.queue_id))
         _fsync_folder(spool.queue)
 
+    def _undo_commit(self) -> None:
+        # Envelope first, as in `Spool.remove`: without it the message does
+        # not exist for anyone, whatever happens to the rest.
+        spool = self.spool
+        _close_quietly(self.stream)
+        for path in (spool.envelope_path(self.queue_id),
+                     spool.message_path(self.queue_id),
+                     spool.tmp / f"{self.queue_id}.env", self.path):
+            _unlink_quietly(path)
+
     def abort(self) -> None:
-        self.stream.close()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        """Throw the message away; safe to call again, and after a failed
+        write or commit."""
+        _close_quietly(self.stream)
+        _unlink_quietly(self.path)

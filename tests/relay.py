@@ -60,9 +60,15 @@ def base_config(
 
 
 class RelayProcess:
-    def __init__(self, folder: Path, config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        config: dict[str, Any],
+        twistd_options: tuple[str, ...] = (),
+    ) -> None:
         self.folder = folder
         self.config = config
+        self.twistd_options = twistd_options  # ("-u", "65534") and the like
         self.config_path = folder / "mta.yaml"
         self.log_path = folder / "mta.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -72,8 +78,8 @@ class RelayProcess:
         self.config_path.write_text(yaml.safe_dump(self.config))
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [str(TWISTD), "--nodaemon", "--pidfile=", "mta",
-             "--config", str(self.config_path)],
+            [str(TWISTD), "--nodaemon", "--pidfile=", *self.twistd_options,
+             "mta", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         )
         log.close()

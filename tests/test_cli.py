@@ -101,7 +101,15 @@ def test_queue_list_and_show(config: Path) -> None:
 
 
 def test_queue_show_of_an_unknown_id(config: Path) -> None:
-    done = run("--config", str(config), "queue", "show", "NOPE")
+    done = run("--config", str(config), "queue", "show", "0123ABC")
 
     assert done.returncode == 1
-    assert "NOPE: no such message" in done.stderr
+    assert "0123ABC: no such message" in done.stderr
+
+
+def test_queue_show_refuses_what_is_not_a_queue_id(config: Path) -> None:
+    # A queue id becomes a file name: a path must never get that far.
+    done = run("--config", str(config), "queue", "show", "../../mta")
+
+    assert done.returncode == 1
+    assert "../../mta: not a queue id" in done.stderr

@@ -357,6 +357,7 @@ def test_defaults_fill_what_the_file_leaves_out(folder: Path) -> None:
     assert config.delivery.plaintext_fallback_delay == 600.0
     assert config.delivery.port == 25
     assert config.limits.message_size == 50 * 1024**2
+    assert config.limits.stop_timeout == 30.0
     assert config.nameservers is None
     assert dict(config.defaults) == {"inbound": "opportunistic",
                                      "outbound": "opportunistic"}
@@ -471,6 +472,10 @@ BAD_VALUES = [
      ["limits.idle_timeout: expected a duration", "(got 'forever')"]),
     (("limits",), {"idle_timeout": "0s"},
      ["limits.idle_timeout: a timeout must be above zero", "(got '0s')"]),
+    (("limits",), {"stop_timeout": "a while"},
+     ["limits.stop_timeout: expected a duration", "(got 'a while')"]),
+    (("limits",), {"stop_timeout": -1},
+     ["limits.stop_timeout: a duration cannot be negative", "(got -1)"]),
     (("delivery",), {"timeouts": {"data": 0}},
      ["delivery.timeouts.data: a timeout must be above zero", "(got 0)"]),
     # sizes and counts
@@ -482,6 +487,19 @@ BAD_VALUES = [
      ["limits.recipients: expected a whole number above zero", "(got 0)"]),
     (("delivery",), {"concurrency": "lots"},
      ["delivery.concurrency: expected a whole number", "(got 'lots')"]),
+    (("delivery",), {"destination_concurrency": 0},
+     ["delivery.destination_concurrency: expected a whole number above zero",
+      "(got 0)"]),
+    (("delivery",), {"destination_failure_limit": 2.5},
+     ["delivery.destination_failure_limit: expected a whole number",
+      "(got 2.5)"]),
+    (("delivery",), {"destination_backoff": "0s"},
+     ["delivery.destination_backoff: a suspension must last more than zero "
+      "seconds", "(got '0s')"]),
+    (("delivery",), {"destination_backoff": "10m",
+                     "destination_max_backoff": "1m"},
+     ["delivery.destination_max_backoff: must not be shorter than "
+      "delivery.destination_backoff (600s)", "(got '1m')"]),
     # addresses, networks and host names
     (("listeners", 0, "address"), "localhost",
      ["listeners[0].address: expected an IPv4 or IPv6 address",

@@ -85,6 +85,7 @@ class Connection:
     tls: TLSFacts | None = None
     tls_error: str | None = None
     closed: bool = False
+    ended: bool = False  # QUIT received or closed: no longer a session
 
 
 @dataclass(slots=True)
@@ -130,6 +131,10 @@ class Peer:
 
     Without `tls_context` STARTTLS is not offered.  `ehlo_rewrite` may
     change the EHLO reply lines ("250-STARTTLS", ...) before they are sent.
+    `data_delay` seconds pass before the reply to the final dot (a slow
+    server); `most_sessions` is the most sessions it had at once, a session
+    lasting from the connection to its QUIT or its close (a client need not
+    wait for the reply to QUIT: Postfix's smtp_skip_quit_response).
     """
 
     def __init__(
@@ -142,6 +147,7 @@ class Peer:
         replies: Replies | None = None,
         ehlo_rewrite: Callable[[list[str]], list[str]] | None = None,
         data_size_limit: int = 10 * 1024 * 1024,
+        data_delay: float = 0.0,
     ) -> None:
         self.address = address
         self.port = port
@@ -150,9 +156,12 @@ class Peer:
         self.replies = replies or Replies()
         self.ehlo_rewrite = ehlo_rewrite
         self.data_size_limit = data_size_limit
+        self.data_delay = data_delay
 
         self._messages: list[ReceivedMessage] = []
         self._connections: list[Connection] = []
+        self._open = 0
+        self.most_sessions = 0
         self._changed = threading.Condition()
         self._controller: _Controller | None = None
 
@@ -168,6 +177,7 @@ class Peer:
         # answers; it is no client's.
         with self._changed:
             self._connections.clear()
+            self.most_sessions = self._open
         return self
 
     def stop(self) -> None:
@@ -232,6 +242,16 @@ class Peer:
     def _record_connection(self, connection: Connection) -> None:
         with self._changed:
             self._connections.append(connection)
+            self._open += 1
+            self.most_sessions = max(self.most_sessions, self._open)
+            self._changed.notify_all()
+
+    def _record_end(self, connection: Connection) -> None:
+        """The session is over (QUIT or close), once per connection."""
+        with self._changed:
+            if not connection.ended:
+                connection.ended = True
+                self._open -= 1
             self._changed.notify_all()
 
     def _record_message(self, message: ReceivedMessage) -> None:
@@ -298,6 +318,8 @@ class _PeerSMTP(SMTP):
             if self.record is not None:
                 self.record.commands.append(line)
                 self.record.transcript.append("C: " + line)
+                if name == "QUIT":
+                    self.peer._record_end(self.record)
 
             # RFC 5321 3.1: after a 554 greeting the server waits for QUIT
             # and answers 503 to everything else.
@@ -323,7 +345,7 @@ class _PeerSMTP(SMTP):
         super().connection_lost(error)
         if self.record is not None and not self.record.closed:
             self.record.closed = True
-            self.peer._notify()
+            self.peer._record_end(self.record)
 
     async def push(self, status: Any) -> None:
         if not self._greeted:
@@ -440,6 +462,8 @@ class _Handler:
         assert envelope.original_content is not None
         assert envelope.mail_from is not None
         recipients = tuple(envelope.rcpt_tos)
+        if self.peer.data_delay:
+            await asyncio.sleep(self.peer.data_delay)
         reply = self.peer.replies.for_data(recipients) or "250 2.0.0 OK queued"
 
         self.peer._record_message(

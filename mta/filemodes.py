@@ -1,0 +1,71 @@
+"""Who may read the relay's secrets: the check of a file's mode at start.
+
+The spool makes its own files private (folders 0700, files 0600: see
+`mta.spool`).  Files the operator provides are only checked: a TLS private
+key that group or others can read is worth a warning, not a refusal to
+start, since taking mail matters more and the fix is one chmod.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import stat
+from pathlib import Path
+
+from mta.logs import log_event
+
+
+def readers(mode: int) -> str | None:
+    """Who besides the owner may read a file of ``mode``: "group",
+    "others", "group and others", or None."""
+    group = bool(mode & stat.S_IRGRP)
+    others = bool(mode & stat.S_IROTH)
+    if group and others:
+        return "group and others"
+    if others:
+        return "others"
+    if group:
+        return "group"
+    return None
+
+
+def private_key_warning(path: Path, mode: int, group: str) -> str | None:
+    """The warning for a private key of ``mode`` owned by ``group``, or
+    None when only its owner can read it."""
+    who = readers(mode)
+    if who is None:
+        return None
+    if who == "group":
+        who = f"group {group}"
+    return (
+        f"tls: private key {path} is readable by {who} "
+        f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it (tls.private_key; "
+        "the relay runs with it anyway)"
+    )
+
+
+def check_private_key(path: Path) -> str | None:
+    """`private_key_warning` for the file at ``path``.  A file this process
+    cannot stat is no one's business here: loading the key already failed
+    or succeeded on its own, and a folder we cannot search hides the key
+    from others too."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return private_key_warning(path, status.st_mode, _group_name(status.st_gid))
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def warn_if_key_exposed(path: Path) -> None:
+    """Log `check_private_key`'s warning, if any (one line, at warn)."""
+    warning = check_private_key(path)
+    if warning is not None:
+        log_event("warn", warning, "tls", file=str(path))

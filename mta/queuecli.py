@@ -1,0 +1,279 @@
+"""``mta queue ...``: the spool for an operator, as mailq, postqueue and
+postsuper show and steer Postfix's queue.  The parser and the printing;
+what the commands do to the spool is in `mta.queueops`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mta import queueops
+from mta.envelope import Envelope
+from mta.queueops import ALL, Operations, Outcome, Selection
+from mta.spool import Spool, SpoolError
+
+CHANGES = {
+    "flush": "retry now: every recipient not yet delivered or failed is due "
+    "at once (held messages stay held); no ID: every message",
+    "hold": "put on hold: the relay leaves the message alone until released",
+    "release": "take off hold; it goes at its next attempt, at once if that "
+    "has passed",
+    "delete": "remove from the spool without telling anyone",
+}
+
+
+def add_parser(
+    commands: Any, parents: list[argparse.ArgumentParser]
+) -> None:
+    """``queue`` and its commands, under the ``mta`` parser's commands."""
+    queue = commands.add_parser("queue", parents=parents, help="the spool")
+    queue_commands = queue.add_subparsers(dest="queue_command", required=True)
+
+    listing = queue_commands.add_parser("list", parents=parents,
+                                        help="list queued messages")
+    _add_filters(listing)
+    _add_json(listing)
+
+    show = queue_commands.add_parser("show", parents=parents,
+                                     help="one message, with its history")
+    show.add_argument("queue_id")
+    _add_json(show)
+
+    for name, text in CHANGES.items():
+        change = queue_commands.add_parser(name, parents=parents, help=text)
+        change.add_argument(
+            "queue_ids", metavar="ID", nargs="*" if name == "flush" else "+",
+            help=f"queue ids, or {ALL} for every message (with the filters)",
+        )
+        _add_filters(change, f" (with {ALL} only)")
+        change.add_argument(
+            "--wait", type=_seconds, default=queueops.DEFAULT_WAIT,
+            metavar="SECONDS",
+            help="how long to wait for a message being delivered "
+            f"(default {queueops.DEFAULT_WAIT:g})",
+        )
+        _add_json(change)
+
+
+def _add_filters(parser: argparse.ArgumentParser, scope: str = "") -> None:
+    parser.add_argument(
+        "--state", action="append", choices=queueops.STATES,
+        help="messages with a recipient in this state, or on hold; "
+        f"repeat for several{scope}",
+    )
+    parser.add_argument(
+        "--domain", action="append", metavar="DOMAIN",
+        help=f"messages with a recipient at this domain; repeat for several{scope}",
+    )
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="JSON output")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return value
+
+
+def run(spool: Spool, args: argparse.Namespace) -> int:
+    try:
+        return _run(spool, args)
+    except OSError as error:
+        print(f"mta: spool {spool.root}: {error}", file=sys.stderr)
+        return 1
+
+
+def _run(spool: Spool, args: argparse.Namespace) -> int:
+    command = args.queue_command
+    if command == "list":
+        selection = Selection.of(args.state, args.domain)
+        return list_messages(spool, selection, args.json)
+    if command == "show":
+        return show_message(spool, args.queue_id, args.json)
+    return change_messages(spool, command, args)
+
+
+# --- list ------------------------------------------------------------------------
+
+
+def list_messages(spool: Spool, selection: Selection, as_json: bool) -> int:
+    envelopes, bad = spool.scan()
+    chosen = [e for e in envelopes if queueops.selects(selection, e)]
+    if as_json:
+        print(json.dumps([asdict(envelope) for envelope in chosen], indent=2))
+        for problem in bad:
+            print(f"mta: {problem.queue_id}: unreadable: {problem}",
+                  file=sys.stderr)
+        return 0
+
+    for envelope in chosen:
+        print("\n".join(_summary(envelope)))
+    for problem in bad:
+        print(f"{problem.queue_id}  unreadable: {problem}")
+    counted = (f"{len(chosen)} message(s)" if selection.is_everything
+               else f"{len(chosen)} of {len(envelopes)} message(s)")
+    print(f"-- {counted} in {spool.queue}"
+          + (f", {len(bad)} unreadable" if bad else ""))
+    return 0
+
+
+def _summary(envelope: Envelope) -> list[str]:
+    # As mailq: "!" after the id marks a message on hold.
+    hold = "!" if envelope.hold else " "
+    lines = [f"{envelope.queue_id}{hold} {envelope.size:>9} "
+             f"{_when(envelope.arrival)}  <{envelope.sender}>"]
+    for recipient in envelope.recipients:
+        reason = f" ({recipient.reason})" if recipient.reason else ""
+        lines.append(f"    {recipient.state:<9} <{recipient.address}>{reason}")
+    return lines
+
+
+# --- show ------------------------------------------------------------------------
+
+
+def show_message(spool: Spool, text: str, as_json: bool) -> int:
+    queue_id = queueops.normal_queue_id(text)
+    if queue_id is None:
+        print(f"mta: {text}: not a queue id", file=sys.stderr)
+        return 1
+    try:
+        envelope = spool.load(queue_id)
+    except FileNotFoundError:
+        print(f"mta: {queue_id}: no such message in {spool.queue}",
+              file=sys.stderr)
+        return 1
+    except SpoolError as error:
+        print(f"mta: {error}", file=sys.stderr)
+        return 1
+
+    head = _head(spool.message_path(queue_id))
+    if as_json:
+        fields = [{"name": name, "value": value}
+                  for name, value in header_fields(head)]
+        print(json.dumps({**asdict(envelope), "headers": fields}, indent=2))
+        return 0
+    print("\n".join(describe(envelope)))
+    print("headers:")
+    print(head)
+    return 0
+
+
+def describe(envelope: Envelope) -> list[str]:
+    client = envelope.client
+    lines = [
+        f"queue id: {envelope.queue_id}{'  (on hold)' if envelope.hold else ''}",
+        f"arrival:  {_when(envelope.arrival)}",
+        f"sender:   <{envelope.sender}>",
+        f"size:     {envelope.size} ({envelope.body})",
+        f"client:   {client.host}[{client.address}] helo={client.helo} "
+        f"listener={client.listener} tls={client.tls or 'none'}",
+    ]
+    for recipient in envelope.recipients:
+        dsn = f" dsn={recipient.dsn}" if recipient.dsn else ""
+        due = (f", next attempt {_when(recipient.next_attempt)}"
+               if recipient.next_attempt and not recipient.is_final else "")
+        lines.append(f"recipient <{recipient.address}>: "
+                     f"{recipient.state}{dsn}{due}")
+        for attempt in recipient.history:
+            tls = attempt.tls or ("none" if attempt.connected else "-")
+            lines.append(
+                f"  {_when(attempt.time)} {attempt.status} dsn={attempt.dsn} "
+                f"relay={attempt.relay or 'none'} tls={tls} "
+                f"trust={attempt.trust or '-'}"
+                + (f" matched={attempt.matched}" if attempt.matched else "")
+                + f" policy={attempt.policy}"
+                + (f" rule={attempt.rule}" if attempt.rule else "")
+                + (f" fallback={attempt.fallback}" if attempt.fallback else "")
+            )
+            lines.append(f"    ({attempt.reply})")
+    return lines
+
+
+def _head(path: Path) -> str:
+    """The message's header section, with newlines for CRLF."""
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(64 * 1024)
+    except OSError as error:
+        return f"  (cannot read {path}: {error.strerror})"
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[:end]
+    return head.decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+def header_fields(head: str) -> list[tuple[str, str]]:
+    """(name, value) for each header field, folded lines unfolded
+    (RFC 5322 2.2.3: a line starting with white space continues one)."""
+    fields: list[tuple[str, str]] = []
+    for line in head.split("\n"):
+        if line[:1] in (" ", "\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, f"{value} {line.strip()}")
+        elif ":" in line:
+            name, _, value = line.partition(":")
+            fields.append((name.strip(), value.strip()))
+    return fields
+
+
+# --- flush, hold, release, delete ------------------------------------------------
+
+
+def change_messages(spool: Spool, operation: str, args: argparse.Namespace) -> int:
+    ids = list(args.queue_ids)
+    every = not ids or ids == [ALL]
+    selection = Selection.of(args.state, args.domain)
+    if ALL in ids and not every:
+        return _usage(f"{ALL} stands alone, without queue ids")
+    if not every and not selection.is_everything:
+        return _usage(f"--state and --domain choose messages only with {ALL}")
+
+    queueops.act_as_spool_owner(spool)
+    operations = Operations(spool, wait=args.wait, selection=selection)
+    if every:
+        outcomes, left_alone = operations.apply_to_all(operation)
+    else:
+        outcomes = [operations.apply(operation, text) for text in ids]
+        left_alone = 0
+
+    _report(operation, outcomes, left_alone, every, args.json)
+    return 0 if all(outcome.ok for outcome in outcomes) else 1
+
+
+def _usage(text: str) -> int:
+    print(f"mta: {text}", file=sys.stderr)
+    return 2
+
+
+def _report(operation: str, outcomes: list[Outcome], left_alone: int,
+            every: bool, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([{"queue_id": o.queue_id, "status": o.status,
+                           "ok": o.ok, "detail": o.detail} for o in outcomes],
+                         indent=2))
+        return
+    for outcome in outcomes:
+        if outcome.ok:
+            print(f"{outcome.queue_id}: {outcome.detail}")
+        else:
+            print(f"mta: {outcome.queue_id}: {outcome.detail}", file=sys.stderr)
+    if every:
+        done = sum(1 for outcome in outcomes if outcome.status == queueops.DONE)
+        failed = sum(1 for outcome in outcomes if not outcome.ok)
+        print(f"-- {operation}: {done} message(s) changed"
+              + (f", {failed} failed" if failed else "")
+              + (f", {left_alone} left as they were" if left_alone else ""))
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(seconds))
