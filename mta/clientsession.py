@@ -11,7 +11,7 @@ in `mta.smtpclient` gathers the replies and acts on these answers.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,13 +78,18 @@ class ClientSettings:
     timeouts: Timeouts
     check_tls: Callable[[TLSSession], str | None] | None = None
     transcript: bool = False  # log every line sent and read, at debug
+    # Sessions whose settings share this key may share a connection
+    # (mta.connectioncache): the policy level, the rule and the names a
+    # certificate must carry.  None: never shared.
+    reuse_key: Hashable | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SessionFailure:
     """Why a session ended early: the stage ("connect", "greeting", "EHLO",
-    "HELO", "STARTTLS", "TLS handshake", "TLS policy", "MAIL", "RCPT",
-    "DATA"), the server's reply if it gave one, and a Postfix-like phrase."""
+    "HELO", "STARTTLS", "TLS handshake", "TLS policy", "RSET", "MAIL",
+    "RCPT", "DATA"), the server's reply if it gave one, and a Postfix-like
+    phrase.  "RSET" is the start of a transaction on a kept connection."""
 
     stage: str
     reply: Reply | None
@@ -109,6 +114,15 @@ class SessionResult:
     tls_failure: str | None = None
     rcpt_replies: dict[str, Reply] = field(default_factory=dict)
     data_reply: Reply | None = None
+    connection_use: int = 1  # 2 and more: a kept connection (Postfix's conn_use)
+
+    @property
+    def stale_connection(self) -> bool:
+        """A kept connection that failed before its new transaction began
+        (the server closed it while it was idle): the transaction is tried
+        again on a new connection, and this result is never recorded."""
+        return (self.connection_use > 1 and self.failure is not None
+                and self.failure.stage == "RSET")
 
     @property
     def failed_before_recipients(self) -> bool:
@@ -246,6 +260,9 @@ STEPS = {
         "end of DATA",
     ),
     "QUIT": ("QUIT", "sending QUIT", "QUIT"),
+    # A connection kept from an earlier transaction (mta.connectioncache).
+    "idle": ("idle", "waiting for the next message", None),
+    "RSET": ("RSET", "sending RSET", "RSET"),
 }
 
 

@@ -128,6 +128,17 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionReuse:
+    """`delivery.connection_reuse` (mta.connectioncache): Postfix's
+    smtp_connection_reuse_count_limit, smtp_connection_cache_time_limit and
+    smtp_connection_reuse_time_limit."""
+
+    messages: int = 100  # transactions per connection; 1: no reuse
+    idle: float = 2.0
+    lifetime: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     retry_schedule: tuple[float, ...]
     max_lifetime: float
@@ -143,6 +154,7 @@ class Delivery:
     destination_failure_limit: int = 3
     destination_backoff: float = 60.0  # parsed: retry_schedule[0]
     destination_max_backoff: float = 3600.0
+    connection_reuse: ConnectionReuse = ConnectionReuse()
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,7 +553,7 @@ def _parse_delivery(reader: Reader, raw: Any) -> Delivery:
     key = "delivery"
     keys = ("retry_schedule", "max_lifetime", "opportunistic_fallback",
             "plaintext_fallback_delay", "timeouts", "port", "concurrency",
-            *DESTINATION_KEYS)
+            "connection_reuse", *DESTINATION_KEYS)
     delivery = reader.mapping(raw, key, keys)
     schedule = reader.list_of(
         delivery, key, "retry_schedule", parse_duration,
@@ -576,7 +588,21 @@ def _parse_delivery(reader: Reader, raw: Any) -> Delivery:
         concurrency=reader.value(
             delivery, key, "concurrency", parse_positive_int, default=20
         ) or 20,
+        connection_reuse=_parse_connection_reuse(reader, delivery),
         **_parse_destination_manners(reader, delivery, schedule or (60.0,)),
+    )
+
+
+def _parse_connection_reuse(reader: Reader, delivery: dict[str, Any]) -> ConnectionReuse:
+    key = "delivery.connection_reuse"
+    raw = reader.mapping(delivery.get("connection_reuse"), key,
+                         ("messages", "idle", "lifetime"))
+    default = ConnectionReuse()
+    return ConnectionReuse(
+        messages=reader.value(raw, key, "messages", parse_positive_int,
+                              default=default.messages) or default.messages,
+        idle=_duration(reader, raw, key, "idle", default.idle),
+        lifetime=_duration(reader, raw, key, "lifetime", default.lifetime),
     )
 
 

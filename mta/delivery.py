@@ -224,6 +224,8 @@ class Deliverer:
             timeouts=self.config.delivery.timeouts,
             check_tls=check_tls if level == "enforce-secure" else None,
             transcript=self.config.log_transcript,
+            # A kept connection serves only the same level, rule and names.
+            reuse_key=(level, group.policy.rule, names),
         )
 
     def _names(self, group: Group, target: Target) -> tuple[str, ...]:

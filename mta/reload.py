@@ -32,7 +32,7 @@ from mta.config import Config, ConfigError, load_config
 from mta.delivery import Deliverer
 from mta.logs import log_event
 from mta.resolver import make_resolver, resolve_targets
-from mta.smtpclient import deliver
+from mta.connectioncache import ConnectionCache
 from mta.tlsctx import ServerCreator, certificate_expiry, client_context, server_context
 
 # Warn this long before the relay's own certificate runs out.
@@ -47,12 +47,16 @@ class Running:
     tls_creator: ServerCreator
     deliverer: Deliverer
     certificate_expires: datetime.datetime
+    # The deliverer's kept connections: closed when this is replaced.
+    connections: ConnectionCache
 
 
 def build(config: Config, reactor: Any) -> Running:
     """The objects a configuration needs.  Blocking: it reads the
     certificate, the key and the trust store."""
     resolver = make_resolver(config.nameservers)
+    # Built here but used on the reactor thread only.
+    connections = ConnectionCache(reactor, config.delivery.connection_reuse)
     return Running(
         config=config,
         tls_creator=ServerCreator(server_context(config.tls)),
@@ -60,9 +64,10 @@ def build(config: Config, reactor: Any) -> Running:
             config=config,
             tls_context=client_context(config.tls),
             resolve=partial(resolve_targets, resolver),
-            session=partial(deliver, reactor),
+            session=connections.session,
         ),
         certificate_expires=certificate_expiry(config.tls.certificate),
+        connections=connections,
     )
 
 

@@ -76,6 +76,10 @@ class RelayService(service.Service):
 
     def _install(self, running: Running) -> None:
         # One reactor step: no connection or attempt sees half of it.
+        # Connections kept under the old settings are not handed out again.
+        previous = getattr(self, "live", None)
+        if previous is not None:
+            previous.connections.close()
         self.live = running
         self.config = running.config
         self.tls_creator = running.tls_creator
@@ -133,10 +137,13 @@ class RelayService(service.Service):
         service.Service.stopService(self)
         log_event("info", "mta stopping", "stop")
         ports, self.ports = self.ports, []
-        return Deferred.fromCoroutine(stop_gracefully(
+        stopped = Deferred.fromCoroutine(stop_gracefully(
             self.reactor, ports, self.factories, self.queue,
             self.config.limits.stop_timeout,
         ))
+        # Then QUIT to every delivery connection kept idle.
+        return stopped.addBoth(lambda result: (self.live.connections.close(),
+                                               result)[1])
 
     def _open_spool(self) -> None:
         try:

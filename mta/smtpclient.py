@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
@@ -66,6 +66,17 @@ _log = Logger(namespace="mta.smtpclient")
 _Handler = Callable[[Reply, list[str]], None]
 
 
+class Keeper(Protocol):
+    """Who may keep a connection for a later transaction
+    (mta.connectioncache)."""
+
+    def keep(self, client: DeliveryClient) -> bool:
+        """Take ``client`` as idle, or refuse it (it then says QUIT)."""
+
+    def lost(self, client: DeliveryClient) -> None:
+        """``client``'s connection is gone."""
+
+
 @implementer(IHandshakeListener)
 class DeliveryClient(smtp.ESMTPClient):
     """One session.  Replies are matched to the commands they answer by a
@@ -80,6 +91,7 @@ class DeliveryClient(smtp.ESMTPClient):
         transaction: Transaction,
         settings: ClientSettings,
         done: Deferred[SessionResult],
+        keeper: Keeper | None = None,
     ) -> None:
         super().__init__(  # type: ignore[no-untyped-call]
             secret=None, contextFactory=None, identity=settings.helo
@@ -89,7 +101,10 @@ class DeliveryClient(smtp.ESMTPClient):
         self._transaction = transaction
         self._settings = settings
         self._done = done
+        self._keeper = keeper
         self._recipients = tuple(dict.fromkeys(transaction.recipients))
+        self._uses = 1  # transactions on this connection, this one included
+        self._opened = 0.0
 
         # (step, handler) for each reply still to come, oldest first.
         self._pending: deque[tuple[str, _Handler]] = deque()
@@ -98,6 +113,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self._creator: ClientCreator | None = None
         self._body: BodyProducer | None = None
         self._ending = False  # QUIT once the outstanding replies are in
+        self._keepable = False  # ...or keep the connection: the transaction is over
         self._closing = False  # QUIT sent or connection being closed
 
         self._failure: SessionFailure | None = None
@@ -131,6 +147,7 @@ class DeliveryClient(smtp.ESMTPClient):
     # Connection events.
 
     def connectionMade(self) -> None:
+        self._opened = self._reactor.seconds()
         # Nagle would hold a short command (or the terminator) for the
         # peer's delayed ACK.
         self._wire.setTcpNoDelay(True)
@@ -143,6 +160,8 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._limit(None)
+        if self._keeper is not None:
+            self._keeper.lost(self)
         if self._body is not None:
             self._body.stopProducing()
         if not self._closing:
@@ -211,7 +230,7 @@ class DeliveryClient(smtp.ESMTPClient):
             # Pipelined: what the session waits for now is the next reply.
             self._step = self._pending[0][0]
         elif self._ending and not self._closing:
-            self._quit()
+            self._wind_up()
 
     def _unexpected(self, reply: Reply) -> None:
         if self._closing:
@@ -327,7 +346,7 @@ class DeliveryClient(smtp.ESMTPClient):
         refusal = refuse_before_mail(self._caps, self._transaction, self._target)
         if refusal is not None:
             self._failure = self._failure or refusal
-            self._end()
+            self._transaction_over()
             return
 
         parameters = mail_parameters(self._caps, self._transaction)
@@ -342,8 +361,9 @@ class DeliveryClient(smtp.ESMTPClient):
     def _on_mail(self, reply: Reply, lines: list[str]) -> None:
         if not reply.is_success:
             # Pipelined RCPTs get 503s; `_ending` makes their handlers
-            # ignore them, and QUIT follows the last.
-            self._refuse(reply)
+            # ignore them, and QUIT (or RSET later) follows the last.
+            self._fail(self._refusal(reply), reply)
+            self._transaction_over()
             return
         if not self._caps.pipelining:
             self._send_rcpt(self._recipients[0])
@@ -365,11 +385,12 @@ class DeliveryClient(smtp.ESMTPClient):
         if any(reply.is_success for reply in self._rcpt_replies.values()):
             self._command("DATA", "DATA", self._on_data)
         else:
-            self._end()
+            self._transaction_over()
 
     def _on_data(self, reply: Reply, lines: list[str]) -> None:
         if reply.code != 354:
-            self._refuse(reply)
+            self._fail(self._refusal(reply), reply)
+            self._transaction_over()
             return
 
         self._step = "body"
@@ -401,7 +422,7 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def _on_end_of_data(self, reply: Reply, lines: list[str]) -> None:
         self._data_reply = reply
-        self._end()
+        self._transaction_over()
 
     # Ending.
 
@@ -419,6 +440,84 @@ class DeliveryClient(smtp.ESMTPClient):
         """QUIT once every outstanding (pipelined) reply is in."""
         self._ending = True
         if not self._pending and not self._closing:
+            self._wind_up()
+
+    def _transaction_over(self) -> None:
+        """The transaction is over and the session sound: once every
+        outstanding reply is in, the connection may be kept."""
+        self._keepable = True
+        self._end()
+
+    def _wind_up(self) -> None:
+        if self._keepable and self._keeper is not None and self._keeper.keep(self):
+            self._park()
+        else:
+            self._quit()
+
+    def _park(self) -> None:
+        # Idle until `next_transaction` or `retire`; the keeper times it.
+        self._step = "idle"
+        self._ending = self._keepable = False
+        self._limit(None)
+        self._settle()
+
+    # A kept connection.
+
+    @property
+    def tls(self) -> TLSSession | None:
+        return self._tls
+
+    @property
+    def target(self) -> Target:
+        return self._target
+
+    @property
+    def settings(self) -> ClientSettings:
+        return self._settings
+
+    @property
+    def opened(self) -> float:
+        """When the connection was made (the reactor's clock)."""
+        return self._opened
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self._abort()
+
+    @property
+    def uses(self) -> int:
+        return self._uses
+
+    def next_transaction(
+        self,
+        transaction: Transaction,
+        settings: ClientSettings,
+        done: Deferred[SessionResult],
+    ) -> None:
+        """Run another transaction on this idle connection: RSET first
+        (the state of the last one is gone, and the server shows it is
+        still there), then MAIL as on a new connection."""
+        check_transaction(transaction)
+        self._transaction = transaction
+        self._settings = settings
+        self._done = done
+        self._recipients = tuple(dict.fromkeys(transaction.recipients))
+        self._uses += 1
+        self._failure = None
+        self._rcpt_replies = {}
+        self._data_reply = None
+        self._limit(settings.timeouts.command)
+        self._command("RSET", "RSET", self._on_rset)
+
+    def _on_rset(self, reply: Reply, lines: list[str]) -> None:
+        if not reply.is_success:
+            self._refuse(reply)
+            return
+        self._send_mail()
+
+    def retire(self) -> None:
+        """Close an idle connection with QUIT."""
+        if self._step == "idle" and not self._closing:
             self._quit()
 
     def _quit(self) -> None:
@@ -452,6 +551,7 @@ class DeliveryClient(smtp.ESMTPClient):
                 tls_failure=self._tls_failure,
                 rcpt_replies=dict(self._rcpt_replies),
                 data_reply=self._data_reply,
+                connection_use=self._uses,
             )
         )
 
@@ -474,10 +574,12 @@ def deliver(
     target: Target,
     transaction: Transaction,
     settings: ClientSettings,
+    keeper: Keeper | None = None,
 ) -> Deferred[SessionResult]:
     """Run one session with ``target``; the Deferred always fires with a
     `SessionResult` (connection problems included), never an error, unless
-    cancelled."""
+    cancelled.  With a ``keeper``, a sound connection may outlive the
+    transaction (see `DeliveryClient.next_transaction`)."""
     check_transaction(transaction)
     cancelled = False
 
@@ -494,7 +596,7 @@ def deliver(
     fire.addCallback(lambda result: None if cancelled else done.callback(result))
 
     factory = _Factory(
-        lambda: DeliveryClient(reactor, target, transaction, settings, fire)
+        lambda: DeliveryClient(reactor, target, transaction, settings, fire, keeper)
     )
     endpoint_type = TCP6ClientEndpoint if ":" in target.address else TCP4ClientEndpoint
     endpoint = endpoint_type(

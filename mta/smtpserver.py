@@ -136,6 +136,11 @@ class RelayServer(smtp.ESMTP):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.client_address = str(getattr(peer, "host", "") or UNKNOWN_HOST)
+        # Nagle would hold a short reply behind unacknowledged data (a TLS
+        # 1.3 session ticket) until the client's delayed ACK.
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:  # a TCP connection
+            no_delay(True)
         # RFC 2034: no enhanced status code in the greeting.
         self.transport.write(b"220 " + self.greeting() + b"\r\n")
         self.setTimeout(self.idle_timeout)

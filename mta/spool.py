@@ -202,7 +202,10 @@ class Spool:
             raise
         _fsync_folder(self.queue)
 
-    def remove(self, queue_id: str) -> None:
+    def remove(self, queue_id: str, lock: MessageLock | None = None) -> None:
+        """Remove the message; with its ``lock``, release that too, once the
+        removal is durable.  Blocking: run it off the reactor thread (the
+        last close of an unlinked file is what frees its blocks)."""
         # Envelope first: without it the message no longer exists, and a
         # crash in between leaves only an orphan .msg for `clean_orphans`.
         for path in (self.envelope_path(queue_id), self.message_path(queue_id)):
@@ -211,6 +214,8 @@ class Spool:
             except FileNotFoundError:
                 pass
         _fsync_folder(self.queue)
+        if lock is not None:
+            lock.release()
 
     def quarantine(self, queue_id: str) -> None:
         for path in (self.envelope_path(queue_id), self.message_path(queue_id)):

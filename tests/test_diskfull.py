@@ -268,15 +268,22 @@ def test_a_disk_that_fills_at_the_commit_gets_452_and_nothing_stays(
 def test_a_full_disk_at_the_runners_save_keeps_the_old_envelope(
     site: Site,
 ) -> None:
+    # Two recipients, so that the runner must save the envelope after the
+    # delivery to one of them (a message delivered to all is removed
+    # instead, and removing needs no room).
     site.replies.rcpt["bob@dest.test"] = "450 4.2.0 busy, try later"
+    site.replies.rcpt["carol@dest.test"] = "450 4.2.0 busy, try later"
     relay = site.start()
     with site.connect() as client:
-        queue_id = queued_id(send(client, SMALL))
+        client.mail("alice@org.test")
+        client.rcpt("bob@dest.test")
+        client.rcpt("carol@dest.test")
+        queue_id = queued_id(tuple_of(client.data(SMALL)))
     deferred = relay.wait_for_envelope(
-        lambda e: e.recipients[0].state == "deferred")
+        lambda e: all(r.state == "deferred" for r in e.recipients))
 
-    # The next attempt succeeds while the disk is full: the peer has the
-    # message, and the spool cannot say so yet.
+    # The next attempt succeeds for bob while the disk is full: the peer
+    # has the message, and the spool cannot say so yet.
     filler = fill(site.disk)
     del site.replies.rcpt["bob@dest.test"]
     site.peer.wait_for(1, timeout=15)
@@ -287,7 +294,16 @@ def test_a_full_disk_at_the_runners_save_keeps_the_old_envelope(
 
     filler.unlink()
     relay.wait_for_log(f"{queue_id}: envelope saved after", timeout=20)
-    relay.wait_for_log(f"{queue_id}: removed")
+    saved = relay.spool.load(queue_id)
+    assert [r.state for r in saved.recipients] == ["delivered", "deferred"]
+
+    del site.replies.rcpt["carol@dest.test"]
+    relay.wait_for_log(f"{queue_id}: removed", timeout=30)
     # Kept in memory, not sent again while the disk was full.
-    assert len(site.peer.messages) == 1
+    delivered = [list(m.rcpt_tos) for m in site.peer.messages]
+    assert sorted(delivered) == [["bob@dest.test"], ["carol@dest.test"]]
     assert relay.log().count(f"{queue_id}: cannot save the envelope") == 1
+
+
+def tuple_of(reply: tuple[int, bytes]) -> tuple[int, str]:
+    return reply[0], reply[1].decode()

@@ -103,6 +103,7 @@ class Replies:
     data: str | None = None  # reply to the final dot, for every message
     data_for: dict[str, str] = field(default_factory=dict)  # by recipient
     starttls: str | None = None  # e.g. "454 4.7.0 TLS not available"
+    rset: str | None = None  # e.g. DISCONNECT: a kept connection gone stale
 
     def for_mail(self, address: str) -> str | None:
         return _lookup(self.mail, address)
@@ -369,6 +370,13 @@ class _PeerSMTP(SMTP):
     def _close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    async def smtp_RSET(self, arg: str) -> None:
+        reply = self.peer.replies.rset
+        if reply is not None:
+            await self.push(reply)
+            return
+        await super().smtp_RSET(arg)
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         reply = self.peer.replies.starttls
