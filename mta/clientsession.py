@@ -59,10 +59,21 @@ class TLSSession:
     peer_certificate: x509.Certificate | None
     verify_error: int | None
     verify_reason: str | None
+    resumed: bool = False  # an abbreviated handshake: see `Resumption`
 
     @property
     def facts(self) -> TLSFacts:
         return TLSFacts(self.protocol, self.cipher, self.bits)
+
+
+@dataclass(frozen=True, slots=True)
+class Resumption:
+    """A TLS session to offer again, and what the full handshake that
+    made it showed: a resumed handshake sends no certificate and runs no
+    chain check, so its certificate and verdict are the first one's."""
+
+    session: SSL.Session
+    first: TLSSession
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +93,7 @@ class ClientSettings:
     # (mta.connectioncache): the policy level, the rule and the names a
     # certificate must carry.  None: never shared.
     reuse_key: Hashable | None = None
+    resume: Resumption | None = None  # offered in the TLS handshake
 
 
 @dataclass(frozen=True, slots=True)

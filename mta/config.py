@@ -136,6 +136,9 @@ class ConnectionReuse:
     messages: int = 100  # transactions per connection; 1: no reuse
     idle: float = 2.0
     lifetime: float = 300.0
+    # How long a TLS session is offered again to a new connection to the
+    # same host (smtp_tls_session_cache_timeout); 0: never.
+    tls_sessions: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -596,13 +599,15 @@ def _parse_delivery(reader: Reader, raw: Any) -> Delivery:
 def _parse_connection_reuse(reader: Reader, delivery: dict[str, Any]) -> ConnectionReuse:
     key = "delivery.connection_reuse"
     raw = reader.mapping(delivery.get("connection_reuse"), key,
-                         ("messages", "idle", "lifetime"))
+                         ("messages", "idle", "lifetime", "tls_sessions"))
     default = ConnectionReuse()
     return ConnectionReuse(
         messages=reader.value(raw, key, "messages", parse_positive_int,
                               default=default.messages) or default.messages,
         idle=_duration(reader, raw, key, "idle", default.idle),
         lifetime=_duration(reader, raw, key, "lifetime", default.lifetime),
+        tls_sessions=_duration(reader, raw, key, "tls_sessions",
+                               default.tls_sessions),
     )
 
 

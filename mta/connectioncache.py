@@ -21,25 +21,41 @@ The rules:
 - A kept connection that fails before its new transaction begins (the
   server closed it while idle, or refused the RSET) is not that
   transaction's failure: the transaction goes on a new connection.
+- A new connection offers the TLS session of the last one to the same
+  host under the same key, for `Reuse.tls_sessions` seconds, so that the
+  server may resume it instead of a full handshake.  What the first, full
+  handshake showed (the certificate and its chain verdict) goes with the
+  session: a resumed connection is judged by the policy on those facts,
+  never as though the certificate had been checked again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 
 from mta.config import ConnectionReuse as Reuse
-from mta.clientsession import ClientSettings, SessionResult, Target, Transaction
+from mta.clientsession import (
+    ClientSettings,
+    Resumption,
+    SessionResult,
+    Target,
+    Transaction,
+)
 from mta.smtpclient import DeliveryClient, Keeper, deliver
 
 Connect = Callable[
     [Any, Target, Transaction, ClientSettings, Keeper | None],
     "Deferred[SessionResult]",
 ]
+
+
+# TLS sessions kept at most: one per host and policy key.
+MAX_TLS_SESSIONS = 1000
 
 
 @dataclass(slots=True)
@@ -67,6 +83,7 @@ class ConnectionCache:
         self._reuse = reuse
         self._connect = connect
         self._idle: dict[tuple[Target, Hashable], list[_Idle]] = {}
+        self._sessions: dict[tuple[Target, Hashable], tuple[Resumption, float]] = {}
         self._closed = False
 
     @property
@@ -111,13 +128,39 @@ class ConnectionCache:
         if key is not None:
             self._drop((client.target, key), client)
 
+    def resumable(self, client: DeliveryClient, resumption: Resumption) -> None:
+        key = client.settings.reuse_key
+        if key is None or self._reuse.tls_sessions <= 0:
+            return
+        entry_key = (client.target, key)
+        self._sessions.pop(entry_key, None)
+        self._sessions[entry_key] = (
+            resumption, self._reactor.seconds() + self._reuse.tls_sessions)
+        # One per host and key, the oldest forgotten first.
+        while len(self._sessions) > MAX_TLS_SESSIONS:
+            del self._sessions[next(iter(self._sessions))]
+
     # --- internals ---------------------------------------------------------
 
     def _new(
         self, target: Target, transaction: Transaction, settings: ClientSettings
     ) -> Deferred[SessionResult]:
-        keeper = None if settings.reuse_key is None or self._reuse.messages < 2 else self
-        return self._connect(self._reactor, target, transaction, settings, keeper)
+        if settings.reuse_key is None:
+            return self._connect(self._reactor, target, transaction, settings, None)
+        resumption = self._resumption((target, settings.reuse_key))
+        if resumption is not None:
+            settings = replace(settings, resume=resumption)
+        return self._connect(self._reactor, target, transaction, settings, self)
+
+    def _resumption(self, key: tuple[Target, Hashable]) -> Resumption | None:
+        entry = self._sessions.get(key)
+        if entry is None:
+            return None
+        resumption, until = entry
+        if self._reactor.seconds() >= until:
+            del self._sessions[key]
+            return None
+        return resumption
 
     def _again(
         self,

@@ -44,6 +44,7 @@ from mta.clientsession import (
     NO_EXTENSIONS,
     STEPS,
     ClientSettings,
+    Resumption,
     SessionFailure,
     SessionResult,
     Target,
@@ -75,6 +76,9 @@ class Keeper(Protocol):
 
     def lost(self, client: DeliveryClient) -> None:
         """``client``'s connection is gone."""
+
+    def resumable(self, client: DeliveryClient, resumption: Resumption) -> None:
+        """``client``'s TLS session may be offered to a later connection."""
 
 
 @implementer(IHandshakeListener)
@@ -269,7 +273,19 @@ class DeliveryClient(smtp.ESMTPClient):
         self._caps = parse_ehlo(lines)
         if self._tls is None:
             self._starttls_offered = self._caps.starttls
+        else:
+            self._offer_session()
         self._after_hello()
+
+    def _offer_session(self) -> None:
+        # Read after the first reply inside TLS: a TLS 1.3 server sends its
+        # session tickets before that reply.
+        session = self._wire.getHandle().get_session()
+        if self._keeper is None or session is None or self._tls is None:
+            return
+        resume = self._settings.resume
+        first = resume.first if self._tls.resumed and resume else self._tls
+        self._keeper.resumable(self, Resumption(session, first))
 
     def _on_helo(self, reply: Reply, lines: list[str]) -> None:
         if not reply.is_success:
@@ -314,20 +330,33 @@ class DeliveryClient(smtp.ESMTPClient):
         self._step = "TLS handshake"
         context = self._settings.tls_context
         assert context is not None
-        self._creator = ClientCreator(context, sni_name(self._target.name))
+        resume = self._settings.resume
+        self._creator = ClientCreator(context, sni_name(self._target.name),
+                                      resume.session if resume else None)
         self._wire.startTLS(self._creator)
 
     def handshakeCompleted(self) -> None:
         assert self._creator is not None
         handle = self._wire.getHandle()
         facts = self._creator.facts
+        resume = self._settings.resume
+        if not facts.checked and resume is not None:
+            # Resumed: the certificate and its verdict are the first
+            # handshake's (this one showed none, and checked none).
+            first = resume.first
+            certificate, error, reason = (first.peer_certificate,
+                                          first.verify_error, first.verify_reason)
+        else:
+            certificate = handle.get_peer_certificate(as_cryptography=True)
+            error, reason = facts.verify_error, facts.verify_reason
         self._tls = TLSSession(
             protocol=handle.get_protocol_version_name(),
             cipher=handle.get_cipher_name(),
             bits=handle.get_cipher_bits(),
-            peer_certificate=handle.get_peer_certificate(as_cryptography=True),
-            verify_error=facts.verify_error,
-            verify_reason=facts.verify_reason,
+            peer_certificate=certificate,
+            verify_error=error,
+            verify_reason=reason,
+            resumed=not facts.checked and resume is not None,
         )
 
         # The verdict is taken before anything is written inside TLS, so a

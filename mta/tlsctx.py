@@ -89,6 +89,9 @@ class ClientTLSFacts:
     def __init__(self) -> None:
         self.verify_error: int | None = None
         self.verify_reason: str | None = None
+        # False after a handshake: no certificate was checked, so the
+        # session was resumed (a full handshake always shows one).
+        self.checked = False
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -98,6 +101,7 @@ class ClientCreator:
 
     context: SSL.Context
     server_name: str | None
+    session: SSL.Session | None = None  # offered for resumption
     facts: ClientTLSFacts = field(default_factory=ClientTLSFacts)
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
@@ -108,6 +112,8 @@ class ClientCreator:
         connection.set_app_data(tlsProtocol)
         if self.server_name:
             connection.set_tlsext_host_name(self.server_name.encode("idna"))
+        if self.session is not None:
+            connection.set_session(self.session)
         connection.set_connect_state()
         return connection
 
@@ -118,6 +124,7 @@ class ClientCreator:
         # Chain errors arrive here as numbers (10 expired, 18 self-signed, 20
         # unknown issuer).  Keep the first one for the log; the handshake
         # goes on and the policy decides what the error means.
+        self.facts.checked = True
         if not ok and self.facts.verify_error is None:
             self.facts.verify_error = errno
             self.facts.verify_reason = VERIFY_ERRORS.get(

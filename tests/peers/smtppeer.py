@@ -83,6 +83,7 @@ class Connection:
     transcript: list[str] = field(default_factory=list)  # "C: ...", "S: ..."
     ehlo_names: list[str] = field(default_factory=list)
     tls: TLSFacts | None = None
+    tls_resumed: bool = False  # the client resumed an earlier TLS session
     tls_error: str | None = None
     closed: bool = False
     ended: bool = False  # QUIT received or closed: no longer a session
@@ -340,6 +341,8 @@ class _PeerSMTP(SMTP):
         else:
             # The second call is the TLS layer after STARTTLS.
             self.record.tls = tls_facts(self.session)
+            ssl_object = (self.session.ssl or {}).get("ssl_object")
+            self.record.tls_resumed = bool(ssl_object and ssl_object.session_reused)
             self.peer._notify()
 
     def connection_lost(self, error: Exception | None) -> None:
