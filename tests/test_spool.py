@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mta import envelope as env
+from mta import spool as spool_module
 from mta.envelope import (
     Attempt,
     Client,
@@ -266,6 +268,7 @@ def test_clean_orphans_removes_only_old_orphans(spool: Spool) -> None:
 
 LOCKER = """\
 import sys
+import threading
 from pathlib import Path
 from mta.spool import Locked, Spool
 try:
@@ -403,3 +406,59 @@ def test_scan_reports_unreadable_and_short_messages(spool: Spool) -> None:
         [garbage, short, missing])
     assert any("message file has 5 bytes" in str(p) for p in bad)
     assert any("message file is missing" in str(p) for p in bad)
+
+
+class TestFolderSync:
+    """Group commit: one fsync of the queue folder serves every commit
+    waiting for it, and none returns before an fsync that began after it
+    asked."""
+
+    def test_one_fsync_serves_the_callers_that_wait_together(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real = spool_module._fsync_folder
+        rounds: list[tuple[float, float]] = []
+
+        def slow_fsync(path: Path) -> None:
+            began = time.monotonic()
+            time.sleep(0.05)  # long enough for the others to pile up
+            real(path)
+            rounds.append((began, time.monotonic()))
+
+        monkeypatch.setattr(spool_module, "_fsync_folder", slow_fsync)
+        sync = spool_module.FolderSync(tmp_path)
+        calls: list[tuple[float, float]] = []
+
+        def call() -> None:
+            asked = time.monotonic()
+            sync.sync()
+            calls.append((asked, time.monotonic()))
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        assert len(calls) == 8
+        assert len(rounds) < 8
+        for asked, returned in calls:
+            assert any(asked <= began and ended <= returned
+                       for began, ended in rounds), (asked, rounds)
+
+    def test_an_fsync_error_reaches_the_caller_and_the_next_try_works(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real = spool_module._fsync_folder
+        failures = [OSError(5, "Input/output error")]
+
+        def failing_once(path: Path) -> None:
+            if failures:
+                raise failures.pop()
+            real(path)
+
+        monkeypatch.setattr(spool_module, "_fsync_folder", failing_once)
+        sync = spool_module.FolderSync(tmp_path)
+        with pytest.raises(OSError):
+            sync.sync()
+        sync.sync()
