@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Callable
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
@@ -105,14 +105,21 @@ class Deliverer:
     clock: Callable[[], float] = time.time
     destinations: Destinations = field(default_factory=Destinations)
 
+    def admit(self, group: Group) -> Admission:
+        """A turn of the group's destination: GO (then `deliver` with it),
+        DEFER (`deliver` records why, without trying) or WAIT (no free
+        turn now: see `Destinations.when_free`)."""
+        # One turn per delivery: its sessions (one host after another) are
+        # never more than one at a time.
+        return self.destinations.try_enter(
+            group.next_hop, destination_name(group.next_hop),
+            Manners.of(self.config.delivery))
+
     async def deliver(
-        self, envelope: Envelope, group: Group, body: Path
+        self, envelope: Envelope, group: Group, body: Path, admission: Admission
     ) -> GroupResult:
-        # One turn of the destination per delivery: its sessions (one host
-        # after another) are never more than one at a time.
-        manners = Manners.of(self.config.delivery)
-        name = destination_name(group.next_hop)
-        admission = await self.destinations.enter(group.next_hop, name, manners)
+        """Deliver under ``admission`` (from `admit`; never WAIT), and give
+        the turn back."""
         if admission.kind == DEFER:
             return self._not_tried(group, admission)
 
@@ -120,7 +127,8 @@ class Deliverer:
         try:
             result, outcome = await self._deliver(envelope, group, body)
         finally:
-            self.destinations.leave(group.next_hop, name, outcome, manners)
+            self.destinations.leave(group.next_hop, destination_name(group.next_hop),
+                                    outcome, Manners.of(self.config.delivery))
         return result
 
     async def _deliver(
@@ -379,6 +387,3 @@ def _awaiting_fallback(attempt: Attempt, due: float | None) -> Attempt:
         reply=f"{attempt.reply}; TLS failed with every host, plaintext "
         f"fallback allowed from {when}",
     )
-
-
-Deliver = Callable[[Envelope, Group, Path], Awaitable[GroupResult]]

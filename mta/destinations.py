@@ -5,8 +5,11 @@ A destination is a next hop (`mta.nexthop.NextHop`): a domain's MX hosts,
 or the hosts of a route or a ``relay_to``.  The rules:
 
 - A healthy destination has at most ``destination_concurrency``
-  deliveries (so SMTP sessions) at once; the next ones wait their turn, in
-  order (Postfix's ``default_destination_concurrency_limit``).
+  deliveries (so SMTP sessions) at once (Postfix's
+  ``default_destination_concurrency_limit``).  A delivery that finds no free
+  turn does not wait for one: the queue runner sets its message aside
+  (`Destinations.when_free`) and takes it up again when a turn frees, so a
+  slow destination never holds the places of mail for others.
 - Each delivery ends in one of three ways for this table.  It *worked*
   when some host got as far as the recipients (a transaction happened,
   whatever it said).  It *failed* when the servers could not be found for
@@ -40,8 +43,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Callable, Hashable
-
-from twisted.internet.defer import Deferred, succeed
 
 from mta.clientsession import SessionResult
 from mta.config import Delivery
@@ -248,7 +249,10 @@ def log_change(name: str, before: Health, after: Health, now: float) -> None:
 class _Destination:
     health: Health
     in_flight: int = 0
-    waiting: deque[Deferred[Admission]] | None = None
+    entries: int = 0  # turns ever taken: did a woken waiter take one?
+    # Told, first come first served, when a turn frees or the health
+    # changes; each at most once.
+    waiting: deque[Callable[[], None]] | None = None
 
 
 Notify = Callable[[str, Health, Health, float], None]
@@ -258,9 +262,10 @@ class Destinations:
     """The health and the turns of every destination with something to
     remember: an entry that is healthy and idle is dropped.
 
-    A delivery calls `enter` and, if admitted, `leave` once it knows how
-    it went.  ``notify(name, before, after, now)`` is told of each change
-    of health (`log_change` by default)."""
+    A delivery calls `try_enter` and, if admitted (GO), `leave` once it
+    knows how it went; when told WAIT, it may ask to be told when a turn
+    frees (`when_free`).  ``notify(name, before, after, now)`` is told of
+    each change of health (`log_change` by default)."""
 
     def __init__(
         self,
@@ -280,29 +285,24 @@ class Destinations:
         entry = self._table.get(key)
         return entry.in_flight if entry is not None else 0
 
-    def enter(
-        self, key: Hashable, name: str, manners: Manners
-    ) -> Deferred[Admission]:
-        """Fires with GO (the turn is taken: call `leave`) or DEFER (not
-        taken); waits while the destination has no free turn."""
+    def try_enter(self, key: Hashable, name: str, manners: Manners) -> Admission:
+        """GO (the turn is taken: call `leave`), DEFER (not taken, and the
+        reason why) or WAIT (no free turn now)."""
         entry = self._table.setdefault(key, _Destination(Health()))
-        if not entry.waiting:
-            admission = self._try(entry, name, manners)
-            if admission.kind != WAIT:
-                self._forget_if_idle(key, entry)
-                return succeed(admission)
+        admission = self._try(entry, name, manners)
+        self._forget_if_idle(key, entry)
+        return admission
 
-        # Waiting in order: whoever came first gets the next turn.
-        def cancel(waiter: Deferred[Admission]) -> None:
-            if entry.waiting is not None and waiter in entry.waiting:
-                entry.waiting.remove(waiter)
-            self._forget_if_idle(key, entry)
-
-        waiter: Deferred[Admission] = Deferred(cancel)
+    def when_free(self, key: Hashable, wake: Callable[[], None]) -> None:
+        """Call ``wake`` once, when a turn of ``key`` frees or its health
+        changes (then a delivery may be admitted, or deferred at once)."""
+        entry = self._table.setdefault(key, _Destination(Health()))
         if entry.waiting is None:
             entry.waiting = deque()
-        entry.waiting.append(waiter)
-        return waiter
+        entry.waiting.append(wake)
+        if entry.in_flight == 0:
+            # No `leave` is to come that would wake it.
+            self._wake(key, entry, None)
 
     def leave(
         self, key: Hashable, name: str, outcome: Outcome, manners: Manners
@@ -313,7 +313,9 @@ class Destinations:
         entry.health = after(before, outcome, now, manners)
         if entry.health != before and self.notify is not None:
             self.notify(name, before, entry.health, now)
-        self._wake(key, entry, name, manners)
+        # One waiter per free turn, or all of them once it fails: their
+        # mail is deferred at once then, not kept behind a failing probe.
+        self._wake(key, entry, None if entry.health.failures else manners)
         self._forget_if_idle(key, entry)
 
     def _try(
@@ -323,23 +325,31 @@ class Destinations:
                           manners)
         if admission.kind == GO:
             entry.in_flight += 1
+            entry.entries += 1
         return admission
 
     def _wake(
-        self, key: Hashable, entry: _Destination, name: str, manners: Manners
+        self, key: Hashable, entry: _Destination, manners: Manners | None
     ) -> None:
-        # A waiter resumed here may leave at once (deferred, say) and call
-        # back into this method: the outer loop serves the queue, so the
-        # stack does not grow with the number of waiters.
+        """Wake waiters while turns are free (every one, without
+        ``manners``).  A waiter that takes its turn while being woken
+        uses it up; one that will come later counts as though it had."""
+        # A waiter woken here may also take its turn and leave at once
+        # (deferred, say), calling back in: the outer call serves them, so
+        # the stack does not grow with the number of waiters.
         if key in self._waking:
             return
         self._waking.add(key)
+        promised = 0
         try:
             while entry.waiting:
-                admission = self._try(entry, name, manners)
-                if admission.kind == WAIT:
+                if manners is not None and (
+                        entry.in_flight + promised >= manners.concurrency):
                     break
-                entry.waiting.popleft().callback(admission)
+                taken = entry.entries
+                entry.waiting.popleft()()
+                if entry.entries == taken:
+                    promised += 1
         finally:
             self._waking.discard(key)
 

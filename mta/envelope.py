@@ -114,6 +114,25 @@ class Envelope:
         raise KeyError(address)
 
 
+# The spool stamps each envelope file's modification time with the moment
+# the message is next due (`due_time`), so that the queue runner finds due
+# mail with a stat of each file, never reading them all.  A held message is
+# due at this far-off time: never, until it is released.
+HELD_DUE = 4102444800.0  # 2100-01-01T00:00:00Z
+
+
+def due_time(envelope: Envelope) -> float:
+    """When the queue runner should next take ``envelope`` up: the earliest
+    next attempt of a recipient not yet final (arrival for one not tried
+    yet); arrival when every recipient is final (its notices and removal
+    are left to do); `HELD_DUE` when it is on hold."""
+    if envelope.hold:
+        return HELD_DUE
+    times = [recipient.next_attempt or envelope.arrival
+             for recipient in envelope.recipients if not recipient.is_final]
+    return min(times, default=envelope.arrival)
+
+
 def to_json(envelope: Envelope) -> bytes:
     data = asdict(envelope)
     data["version"] = FORMAT_VERSION

@@ -1,19 +1,26 @@
 """The queue runner: picks up new and due messages from the spool and
 delivers them, a bounded number at a time.
 
-It keeps only a schedule (queue id -> when due) in memory; the spool stays
-the truth.  A new message from a listener in this process is announced with
-`wakeup`; anything else (messages left by a previous run, another process)
-is found by a periodic scan.  While a message is being delivered its spool
-lock is held, so another process never acts on it at the same time.  Every
-recipient's new state is written to the spool (fsync'd) after each
-transaction, before the next one starts: a recipient whose 250 was recorded
-is never sent again.
+In memory it keeps a bounded schedule (`mta.schedule`): the messages due
+soonest, at most `ACTIVE_LIMIT`, found by a periodic scan of the spool that
+reads only each envelope file's time (`Spool.earliest_due`, in a thread),
+and by `wakeup` for new mail from this process's listeners.  The spool
+stays the truth, and the runner's memory does not grow with the queue.
+
+While a message is being delivered its spool lock is held, so another
+process never acts on it at the same time.  Every recipient's new state is
+written to the spool (fsync'd) after each transaction, before the next one
+starts: a recipient whose 250 was recorded is never sent again.
+
+At most ``delivery.concurrency`` messages are delivered at once.  A
+message whose destination has no free turn (`destination_concurrency`)
+takes none of those places and holds no lock: it is set aside (parked) and
+taken up again when a turn of that destination frees, so mail for a slow
+destination never keeps mail for others waiting.
 """
 
 from __future__ import annotations
 
-import heapq
 import time
 from dataclasses import replace
 from typing import Callable
@@ -26,9 +33,11 @@ from twisted.python.failure import Failure
 
 from mta.config import Config
 from mta.delivery import Deliverer, Group, GroupResult, group_recipients
-from mta.envelope import DELIVERED, Envelope
+from mta.destinations import WAIT
+from mta.envelope import DELIVERED, HELD_DUE, Envelope, due_time
 from mta.envelopesave import save_envelope
 from mta.logs import log, log_accepted, log_delivery, log_event
+from mta.nexthop import NextHop
 from mta.notices import (
     Notice,
     discarded_line,
@@ -39,9 +48,15 @@ from mta.notices import (
 )
 from mta.noticewriter import write_notice
 from mta.outcomes import settle
+from mta.schedule import Schedule
 from mta.spool import Locked, MessageLock, Spool, SpoolError
 
 SCAN_INTERVAL = 10.0
+# Messages the runner keeps in mind at once (Postfix's qmgr keeps 20,000);
+# a scan fills half, so that new mail always finds room.
+ACTIVE_LIMIT = 10_000
+# A parked message not woken in this time is taken up by the next scan.
+PARKED_AT_MOST = 60.0
 
 
 class QueueRunner:
@@ -58,9 +73,9 @@ class QueueRunner:
         self.get_config = get_config
         self.get_deliverer = get_deliverer
         self.clock = clock
-        self._heap: list[tuple[float, str]] = []
-        self._scheduled: dict[str, float] = {}
-        self._active: dict[str, Deferred[None]] = {}
+        self._schedule = Schedule(ACTIVE_LIMIT)
+        self._active: dict[str, Deferred[list[NextHop]]] = {}
+        self._parked: dict[str, float] = {}  # queue id -> since when
         self._timer: IDelayedCall | None = None
         self._scanner = LoopingCall(self.scan)
         self._scanner.clock = reactor
@@ -92,27 +107,35 @@ class QueueRunner:
     # --- scheduling ----------------------------------------------------
 
     def wakeup(self, queue_id: str, due: float | None = None) -> None:
-        self._schedule(queue_id, self.clock() if due is None else due)
+        # A full schedule leaves the message to the next scan.
+        self._schedule.add(queue_id, self.clock() if due is None else due)
         self._pump()
 
-    def scan(self) -> None:
-        # Whatever one spool file holds, the scan goes on: it is what finds
+    def scan(self) -> Deferred[None]:
+        # Whatever the spool holds, the scan goes on: it is what finds
         # every other message (a LoopingCall stops for good on an error).
-        try:
-            envelopes, bad = self.spool.scan()
-        except OSError as error:
-            log_event("error", f"spool: cannot scan {self.spool.queue}: "
-                      f"{error.strerror}; retrying in {SCAN_INTERVAL:g}s",
-                      "spool-scan")
-            return
-        for problem in bad:
-            if problem.queue_id not in self._active:
-                self._quarantine(problem)
-        for envelope in envelopes:
-            due = _next_due(envelope, self.clock())
-            if due is not None and envelope.queue_id not in self._active:
-                self._schedule(envelope.queue_id, due)
+        scanning = threads.deferToThread(self.spool.earliest_due,
+                                         ACTIVE_LIMIT // 2)
+        return scanning.addCallbacks(self._scanned, self._scan_failed)
+
+    def _scanned(self, stamps: list[tuple[float, str]]) -> None:
+        now = self.clock()
+        for due, queue_id in stamps:
+            if queue_id in self._active:
+                continue
+            parked = self._parked.get(queue_id)
+            if parked is not None:
+                if now - parked < PARKED_AT_MOST:
+                    continue
+                del self._parked[queue_id]  # a wake-up lost: take it up
+            self._schedule.add(queue_id, due)
         self._pump()
+
+    def _scan_failed(self, failure: Failure) -> None:
+        error = failure.value
+        why = error.strerror if isinstance(error, OSError) else str(error)
+        log_event("error", f"spool: cannot scan {self.spool.queue}: {why}; "
+                  f"retrying in {SCAN_INTERVAL:g}s", "spool-scan")
 
     def _quarantine(self, problem: SpoolError) -> None:
         try:
@@ -127,67 +150,106 @@ class QueueRunner:
                   f"{problem}; it will not be delivered until an operator "
                   "repairs it", "spool-corrupt", queue_id=problem.queue_id)
 
-    def _schedule(self, queue_id: str, due: float) -> None:
-        if self._scheduled.get(queue_id, float("inf")) <= due:
-            return
-        self._scheduled[queue_id] = due
-        heapq.heappush(self._heap, (due, queue_id))
-
     def _pump(self) -> None:
         if self._stopping:
             return
         now = self.clock()
         limit = self.get_config().delivery.concurrency
-        while self._heap and self._heap[0][0] <= now and len(self._active) < limit:
-            due, queue_id = heapq.heappop(self._heap)
-            if self._scheduled.get(queue_id) != due or queue_id in self._active:
-                continue
-            del self._scheduled[queue_id]
-            self._start(queue_id)
+        while len(self._active) < limit:
+            queue_id = self._schedule.pop_due(now)
+            if queue_id is None:
+                break
+            # One under way reschedules itself when done; a parked one is
+            # woken by its destination.
+            if queue_id not in self._active and queue_id not in self._parked:
+                self._start(queue_id)
         self._arm_timer(now)
 
     def _arm_timer(self, now: float) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        if self._heap and len(self._active) < self.get_config().delivery.concurrency:
-            delay = max(0.0, self._heap[0][0] - now)
-            self._timer = self.reactor.callLater(delay, self._pump)
+        due = self._schedule.next_due()
+        if due is not None and len(self._active) < self.get_config().delivery.concurrency:
+            self._timer = self.reactor.callLater(max(0.0, due - now), self._pump)
 
     def _start(self, queue_id: str) -> None:
         done = Deferred.fromCoroutine(self._process(queue_id))
         self._active[queue_id] = done
 
-        def finished(result: object) -> None:
+        def finished(result: list[NextHop] | Failure) -> None:
             del self._active[queue_id]
             if isinstance(result, Failure):
                 log.failure("delivery of {queue_id} failed unexpectedly",
                             result, queue_id=queue_id)
+            elif result:
+                self._park(queue_id, result)
             self._pump()
 
         done.addBoth(finished)
 
+    def _park(self, queue_id: str, hops: list[NextHop]) -> None:
+        """Set the message aside until one of ``hops`` has a free turn."""
+        self._parked[queue_id] = self.clock()
+
+        def wake() -> None:
+            if self._parked.pop(queue_id, None) is not None:
+                self.wakeup(queue_id)
+
+        destinations = self.get_deliverer().destinations
+        for hop in hops:
+            destinations.when_free(hop, wake)
+
     # --- one message ---------------------------------------------------
 
-    async def _process(self, queue_id: str) -> None:
+    async def _process(self, queue_id: str) -> list[NextHop]:
+        """Deliver what is due of one message; the destinations it must
+        wait for, if any (see `_park`)."""
         try:
             lock = self.spool.lock(queue_id)
-        except (Locked, FileNotFoundError):
-            return  # another process has it, or it is gone
+        except Locked:
+            return []  # another process has it
+        except FileNotFoundError:
+            self._lost_message_file(queue_id)
+            return []
         try:
             envelope = self._load(queue_id)
-            if envelope is None or envelope.hold:
-                return
+            if envelope is None:
+                return []
+            due = due_time(envelope)
+            if due > self.clock():
+                self._not_due(envelope, due)
+                return []
             # A done envelope here is one a crash caught between its last
             # save and its removal: only the removal is left to do.
+            waiting: list[Group] = []
             if not envelope.is_done:
-                envelope = await self._deliver(envelope)
-            await self._finish(envelope, lock)
+                envelope, waiting = await self._deliver(envelope)
+            await self._finish(envelope, lock, waiting)
+            return list(dict.fromkeys(group.next_hop for group in waiting))
         except Exception:
             log.failure("{queue_id}: internal error while delivering; the "
                         "message is put on hold", queue_id=queue_id)
             self._hold_after_error(queue_id)
+            return []
         finally:
             lock.release()
+
+    def _lost_message_file(self, queue_id: str) -> None:
+        # Gone, or an envelope without its message file: the latter can
+        # never be delivered, and would come up at every scan.
+        if self.spool.envelope_path(queue_id).exists():
+            self._quarantine(SpoolError(f"{queue_id}: message file is missing"))
+
+    def _not_due(self, envelope: Envelope, due: float) -> None:
+        """Held, or not due yet (its file's time said otherwise: a spool
+        from an older version, or a change since the scan)."""
+        queue_id = envelope.queue_id
+        try:
+            self.spool.stamp(queue_id, due)
+        except OSError:
+            pass  # it comes up early again; no harm
+        if due != HELD_DUE:
+            self._schedule.add(queue_id, due)
 
     def _hold_after_error(self, queue_id: str) -> None:
         # An error we did not foresee may strike again after the next
@@ -210,16 +272,23 @@ class QueueRunner:
             return None
         return envelope
 
-    async def _deliver(self, envelope: Envelope) -> Envelope:
+    async def _deliver(self, envelope: Envelope) -> tuple[Envelope, list[Group]]:
+        """Deliver each group of due recipients that its destination
+        admits; the groups that must wait for a turn, untouched."""
         now = self.clock()
         due = [recipient.address for recipient in envelope.recipients
                if not recipient.is_final
                and (recipient.next_attempt or 0) <= now]
         deliverer = self.get_deliverer()
         body = self.spool.message_path(envelope.queue_id)
+        waiting = []
 
         for group in group_recipients(deliverer.config, due):
-            result = await deliverer.deliver(envelope, group, body)
+            admission = deliverer.admit(group)
+            if admission.kind == WAIT:
+                waiting.append(group)
+                continue
+            result = await deliverer.deliver(envelope, group, body, admission)
             envelope = self._record(envelope, group, result, deliverer)
             if _all_delivered(envelope):
                 # Its removal (`_finish`) is the durable record, one file
@@ -228,7 +297,7 @@ class QueueRunner:
             # A full disk must not cost the record of who got the mail.
             await save_envelope(self.reactor, self.spool, envelope,
                                 lambda: self._stopping)
-        return envelope
+        return envelope, waiting
 
     def _record(
         self,
@@ -248,7 +317,9 @@ class QueueRunner:
                          now - envelope.arrival)
         return envelope
 
-    async def _finish(self, envelope: Envelope, lock: MessageLock) -> None:
+    async def _finish(
+        self, envelope: Envelope, lock: MessageLock, waiting: list[Group]
+    ) -> None:
         # Bounces and delay notices first: a message leaves the spool only
         # once every recipient is final and every failure reported.
         notified = await self._send_notices(envelope)
@@ -260,9 +331,14 @@ class QueueRunner:
             log_event("info", f"{envelope.queue_id}: removed", "removed",
                       queue_id=envelope.queue_id)
             return
-        due = _next_due(envelope, self.clock())
-        if due is not None:
-            self._schedule(envelope.queue_id, due)
+        # Recipients waiting for a turn are due now, but their destination
+        # wakes the message (`_park`): only the others set the time.
+        parked = {address for group in waiting for address in group.recipients}
+        rest = tuple(recipient for recipient in envelope.recipients
+                     if not recipient.is_final and recipient.address not in parked)
+        due = due_time(replace(envelope, recipients=rest))
+        if rest and due != HELD_DUE:
+            self._schedule.add(envelope.queue_id, due)
 
     async def _remove(self, envelope: Envelope, lock: MessageLock) -> None:
         try:
@@ -324,11 +400,3 @@ class QueueRunner:
 def _all_delivered(envelope: Envelope) -> bool:
     return all(recipient.state == DELIVERED for recipient in envelope.recipients)
 
-
-def _next_due(envelope: Envelope, now: float) -> float | None:
-    if envelope.hold:
-        return None
-    times = [recipient.next_attempt or now for recipient in envelope.recipients
-             if not recipient.is_final]
-    # Every recipient final: its notices and removal are left to do now.
-    return min(times) if times else now

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import os
 import secrets
 import threading
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from mta.envelope import Envelope, from_json, to_json
+from mta.envelope import Envelope, due_time, from_json, to_json
 
 
 class SpoolError(Exception):
@@ -105,13 +106,16 @@ def _create(path: Path) -> BinaryIO:
     return os.fdopen(descriptor, "wb")
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """A new file holding ``data``, fsync'd; on any failure (a full disk)
-    nothing is left behind, so a retry does not eat more space."""
+def _write_durably(path: Path, data: bytes, mtime: float | None = None) -> None:
+    """A new file holding ``data`` (modified at ``mtime``), fsync'd; on any
+    failure (a full disk) nothing is left behind, so a retry does not eat
+    more space."""
     try:
         with _create(path) as stream:
             stream.write(data)
             stream.flush()
+            if mtime is not None:
+                os.utime(stream.fileno(), (mtime, mtime))
             os.fsync(stream.fileno())
     except BaseException:
         _unlink_quietly(path)
@@ -187,6 +191,33 @@ class Spool:
         except ValueError as error:
             raise SpoolError(f"{queue_id}: {error}") from None
 
+    def earliest_due(self, limit: int) -> list[tuple[float, str]]:
+        """The ``limit`` messages due soonest, as (due, queue id), from the
+        envelope files' modification times (`mta.envelope.due_time`): one
+        stat a message, and memory for ``limit`` entries, whatever the size
+        of the queue.  A file whose time is wrong (an older spool, a copy)
+        is only taken up too early, then stamped again."""
+        def stamps() -> Iterator[tuple[float, str]]:
+            try:
+                entries = os.scandir(self.queue)
+            except FileNotFoundError:
+                return
+            with entries:
+                for entry in entries:
+                    if not entry.name.endswith(".env"):
+                        continue
+                    try:
+                        yield entry.stat().st_mtime, entry.name[:-4]
+                    except FileNotFoundError:
+                        continue  # removed while we looked
+
+        return heapq.nsmallest(limit, stamps())
+
+    def stamp(self, queue_id: str, due: float) -> None:
+        """Set the envelope file's due time (not fsync'd: a lost stamp only
+        makes the message come up early)."""
+        os.utime(self.envelope_path(queue_id), (due, due))
+
     def envelopes(self) -> Iterator[Envelope]:
         """Every readable envelope (see `scan` for the unreadable ones)."""
         for queue_id in self.queue_ids():
@@ -233,7 +264,7 @@ class Spool:
         temporary = self.tmp / f"{queue_id}.env.{secrets.token_hex(4)}"
         # On a full disk the new file fails before the rename: the old
         # envelope stays whole, and no temporary file is left to fill tmp/.
-        _write_durably(temporary, to_json(envelope))
+        _write_durably(temporary, to_json(envelope), due_time(envelope))
         try:
             os.replace(temporary, self.envelope_path(queue_id))
         except BaseException:
@@ -357,7 +388,7 @@ class MessageWriter:
         os.replace(self.path, spool.message_path(self.queue_id))
 
         temporary = spool.tmp / f"{self.queue_id}.env"
-        _write_durably(temporary, to_json(envelope))
+        _write_durably(temporary, to_json(envelope), due_time(envelope))
         os.replace(temporary, spool.envelope_path(self.queue_id))
         spool.queue_sync.sync()
 

@@ -186,7 +186,8 @@ defaults: {{outbound: {level}, inbound: {level}}}
                         tuple(Recipient(r) for r in rcpts))
     [group] = group_recipients(config, list(rcpts))
     results: list[GroupResult] = []
-    Deferred.fromCoroutine(deliverer.deliver(envelope, group, body)
+    Deferred.fromCoroutine(deliverer.deliver(envelope, group, body,
+                                             deliverer.admit(group))
                            ).addCallback(results.append)
     return results[0]
 

@@ -123,7 +123,8 @@ def deliver(tmp_path: Path, kinds: list[str], level: str = "opportunistic",
                         (Recipient(RCPT),))
     [group] = group_recipients(config, [RCPT])
     results: list[GroupResult] = []
-    Deferred.fromCoroutine(deliverer.deliver(envelope, group, body)
+    Deferred.fromCoroutine(deliverer.deliver(envelope, group, body,
+                                             deliverer.admit(group))
                            ).addCallback(results.append)
     return results[0], hosts.calls
 

@@ -177,3 +177,26 @@ def test_421_at_the_greeting_moves_on_to_the_next_mx_host(world: World) -> None:
     assert busy.wait_for_connections(1)[0].commands == []
     line = relay.wait_for_log(f"{queue_id}: to=<a@dest.test>")
     assert "relay=mx2.dest.test[127.0.8.9]" in line and "status=sent" in line
+
+
+def test_a_slow_destination_does_not_keep_mail_for_others_waiting(
+    world: World,
+) -> None:
+    # Eight messages for a destination that takes two seconds each, two at
+    # a time, then one for another: it must not wait behind them, although
+    # the eight outnumber the relay's four places for deliveries.
+    slow = world.peer(smtppeer.plain, "127.0.8.21", data_delay=2.0)
+    world.mx("slow.test", (10, "mx.slow.test", "127.0.8.21"))
+    fast = world.peer(smtppeer.plain, "127.0.8.22")
+    world.mx("fast.test", (10, "mx.fast.test", "127.0.8.22"))
+    relay = world.start(delivery={"concurrency": 4, "destination_concurrency": 2})
+
+    for n in range(8):
+        relay.submit("alice@org.test", [f"u{n}@slow.test"], MESSAGE)
+    relay.submit("alice@org.test", ["v@fast.test"], MESSAGE)
+
+    fast.wait_for(1, timeout=15)
+    assert len(slow.messages) <= 2  # the first two were still on their way
+    # The rest are taken up as turns free, two at a time.
+    slow.wait_for(8, timeout=30)
+    assert slow.most_sessions == 2

@@ -189,54 +189,64 @@ def table(clock: Clock) -> tuple[Destinations, list[tuple[str, Health]]]:
             changes)
 
 
-def fired(deferred: Deferred[Admission]) -> Admission | None:
-    """The admission ``deferred`` fired with, or None while it waits; the
-    result stays in the Deferred."""
-    results: list[Admission] = []
-
-    def keep(admission: Admission) -> Admission:
-        results.append(admission)
-        return admission
-
-    deferred.addCallback(keep)
-    return results[0] if results else None
-
-
-def test_turns_beyond_the_concurrency_wait_in_order() -> None:
+def test_turns_beyond_the_concurrency_are_refused_with_wait() -> None:
     destinations, _ = table(Clock())
-    first, second, third, fourth = (
-        destinations.enter("hop", "dest.test", MANNERS) for _ in range(4))
-
-    assert fired(first) == fired(second) == Admission(GO)
-    assert fired(third) is None and fired(fourth) is None
+    kinds = [destinations.try_enter("hop", "dest.test", MANNERS).kind
+             for _ in range(3)]
+    assert kinds == [GO, GO, WAIT]
     assert destinations.in_flight("hop") == 2
 
     destinations.leave("hop", "dest.test", Outcome(WORKED), MANNERS)
-    assert fired(third) == Admission(GO) and fired(fourth) is None
-    destinations.leave("hop", "dest.test", Outcome(NEUTRAL), MANNERS)
-    assert fired(fourth) == Admission(GO)
+    assert destinations.try_enter("hop", "dest.test", MANNERS) == Admission(GO)
     assert destinations.in_flight("hop") == 2
+
+
+def test_waiters_are_woken_in_order_one_per_free_turn() -> None:
+    destinations, _ = table(Clock())
+    for _ in range(2):
+        destinations.try_enter("hop", "dest.test", MANNERS)
+    woken: list[int] = []
+    for n in range(3):
+        destinations.when_free("hop", lambda n=n: woken.append(n))
+    assert woken == []
+
+    destinations.leave("hop", "dest.test", Outcome(WORKED), MANNERS)
+    assert woken == [0]
+    destinations.leave("hop", "dest.test", Outcome(NEUTRAL), MANNERS)
+    assert woken == [0, 1, 2]  # nothing in flight: the last is told too
+
+
+def test_a_waiter_on_an_idle_destination_is_woken_at_once() -> None:
+    # Nothing in flight, so no `leave` would ever come to wake it.
+    destinations, _ = table(Clock())
+    woken: list[str] = []
+    destinations.when_free("hop", lambda: woken.append("now"))
+    assert woken == ["now"]
 
 
 def test_other_destinations_have_turns_of_their_own() -> None:
     destinations, _ = table(Clock())
     for _ in range(2):
-        destinations.enter("hop", "dest.test", MANNERS)
-    assert fired(destinations.enter("other", "other.test", MANNERS)) == Admission(GO)
+        destinations.try_enter("hop", "dest.test", MANNERS)
+    assert destinations.try_enter("other", "other.test", MANNERS) == Admission(GO)
 
 
-def test_waiters_are_deferred_when_their_destination_starts_failing() -> None:
+def test_waiters_are_woken_when_their_destination_starts_failing() -> None:
     clock = Clock()
     destinations, changes = table(clock)
-    destinations.enter("hop", "dest.test", MANNERS)
-    destinations.enter("hop", "dest.test", MANNERS)
-    waiting = [destinations.enter("hop", "dest.test", MANNERS) for _ in range(3)]
+    destinations.try_enter("hop", "dest.test", MANNERS)
+    destinations.try_enter("hop", "dest.test", MANNERS)
+    woken: list[int] = []
+    for n in range(3):
+        destinations.when_free("hop", lambda n=n: woken.append(n))
 
     destinations.leave("hop", "dest.test", REFUSED, MANNERS)
 
     # One in flight still (a probe, as far as the table knows): the
-    # waiters are not kept waiting behind a failing destination.
-    assert [fired(w).kind for w in waiting] == [DEFER] * 3  # type: ignore[union-attr]
+    # waiters are all told, and their mail is deferred, not kept waiting
+    # behind a failing destination.
+    assert woken == [0, 1, 2]
+    assert destinations.try_enter("hop", "dest.test", MANNERS).kind == DEFER
     assert changes == [("dest.test", failed_times(1))]
 
 
@@ -244,15 +254,15 @@ def test_suspension_then_probe_then_recovery() -> None:
     clock = Clock()
     destinations, changes = table(clock)
     for _ in range(3):
-        assert fired(destinations.enter("hop", "dest.test", MANNERS)) == Admission(GO)
+        assert destinations.try_enter("hop", "dest.test", MANNERS) == Admission(GO)
         destinations.leave("hop", "dest.test", REFUSED, MANNERS)
 
-    refusal = fired(destinations.enter("hop", "dest.test", MANNERS))
-    assert refusal is not None and refusal.kind == DEFER
+    refusal = destinations.try_enter("hop", "dest.test", MANNERS)
+    assert refusal.kind == DEFER
     assert "suspended until" in refusal.reason
 
     clock.now += 60
-    assert fired(destinations.enter("hop", "dest.test", MANNERS)) == Admission(GO)
+    assert destinations.try_enter("hop", "dest.test", MANNERS) == Admission(GO)
     destinations.leave("hop", "dest.test", Outcome(WORKED), MANNERS)
     assert destinations.health("hop") == Health()
     assert changes[-1] == ("dest.test", Health())
@@ -260,40 +270,27 @@ def test_suspension_then_probe_then_recovery() -> None:
 
 def test_a_healthy_idle_destination_is_forgotten() -> None:
     destinations, _ = table(Clock())
-    destinations.enter("hop", "dest.test", MANNERS)
+    destinations.try_enter("hop", "dest.test", MANNERS)
     destinations.leave("hop", "dest.test", Outcome(WORKED), MANNERS)
     assert destinations._table == {}
 
 
-def test_a_cancelled_waiter_gives_up_its_place() -> None:
-    destinations, _ = table(Clock())
-    destinations.enter("hop", "dest.test", MANNERS)
-    destinations.enter("hop", "dest.test", MANNERS)
-    gone = destinations.enter("hop", "dest.test", MANNERS)
-    after_it = destinations.enter("hop", "dest.test", MANNERS)
-    gone.addErrback(lambda failure: None)
-
-    gone.cancel()
-    destinations.leave("hop", "dest.test", Outcome(WORKED), MANNERS)
-
-    assert fired(after_it) == Admission(GO)
-
-
-def test_many_waiters_that_finish_at_once_do_not_grow_the_stack() -> None:
-    # Each waiter, given its turn, is done at once (a delivery with nothing
-    # to wait for) and leaves from inside the call that woke it.
+def test_many_waiters_that_come_straight_back_do_not_grow_the_stack() -> None:
+    # Each waiter, woken, takes the turn and is done at once (deferred,
+    # say), leaving from inside the call that woke it.
     destinations, _ = table(Clock())
     manners = Manners(concurrency=1, failure_limit=3, backoff=60.0,
                       max_backoff=60.0)
-    destinations.enter("hop", "dest.test", manners)
+    destinations.try_enter("hop", "dest.test", manners)
     served: list[str] = []
 
-    def finish(admission: Admission) -> None:
+    def finish() -> None:
+        admission = destinations.try_enter("hop", "dest.test", manners)
         served.append(admission.kind)
         destinations.leave("hop", "dest.test", Outcome(WORKED), manners)
 
     for _ in range(5000):
-        destinations.enter("hop", "dest.test", manners).addCallback(finish)
+        destinations.when_free("hop", finish)
 
     destinations.leave("hop", "dest.test", Outcome(WORKED), manners)
 
@@ -344,7 +341,8 @@ delivery: {destination_failure_limit: 2, destination_backoff: 1m}
 
     def attempt() -> Any:
         results: list[Any] = []
-        Deferred.fromCoroutine(deliverer.deliver(envelope, group, body)
+        Deferred.fromCoroutine(deliverer.deliver(envelope, group, body,
+                                             deliverer.admit(group))
                                ).addCallback(results.append)
         return results[0].attempts["bob@dest.test"]
 

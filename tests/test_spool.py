@@ -462,3 +462,49 @@ class TestFolderSync:
         with pytest.raises(OSError):
             sync.sync()
         sync.sync()
+
+
+class TestDueStamps:
+    """Each envelope file's time is the moment its message is next due, so
+    the queue runner finds due mail without reading every envelope."""
+
+    def put(self, spool: Spool, envelope: Envelope) -> None:
+        writer = spool.new_message()
+        writer.write(b"x" * envelope.size)
+        writer.commit(replace(envelope, queue_id=writer.queue_id))
+        # Stamped again under the id the test chose.
+        spool.remove(writer.queue_id)
+        spool.message_path(envelope.queue_id).write_bytes(b"x" * envelope.size)
+        spool.save(envelope)
+
+    def test_saved_envelopes_carry_their_due_time(self, spool: Spool) -> None:
+        base = replace(sample(), hold=False)
+        later = replace(base.recipients[1], next_attempt=2_000_000_000.0)
+        cases = [
+            replace(base, queue_id="0000000000001AAAA",
+                    recipients=(base.recipients[0], later)),
+            replace(base, queue_id="0000000000002BBBB", hold=True),
+            replace(base, queue_id="0000000000003CCCC",
+                    recipients=(Recipient("n@example.com"),)),
+            replace(base, queue_id="0000000000004DDDD",
+                    recipients=(base.recipients[0],)),  # every one final
+        ]
+        for envelope in cases:
+            self.put(spool, envelope)
+
+        stamps = {queue_id: due for due, queue_id in spool.earliest_due(10)}
+        assert stamps == {
+            "0000000000001AAAA": 2_000_000_000.0,
+            "0000000000002BBBB": env.HELD_DUE,
+            "0000000000003CCCC": base.arrival,  # not tried yet: due at once
+            "0000000000004DDDD": base.arrival,  # its removal is left to do
+        }
+
+    def test_earliest_due_takes_the_soonest_only(self, spool: Spool) -> None:
+        base = replace(sample(), hold=False, recipients=(Recipient("n@x.test"),))
+        for n in range(20):
+            self.put(spool, replace(base, queue_id=f"00000000000{n:02d}AAAA",
+                                    arrival=1_000_000.0 + n))
+        soonest = spool.earliest_due(5)
+        assert [queue_id for _, queue_id in soonest] == [
+            f"00000000000{n:02d}AAAA" for n in range(5)]
