@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -199,6 +200,22 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+# Queue ids are upper-case hex (mta.spool.new_queue_id makes 17 digits);
+# anything else could not be a file name in the spool.
+QUEUE_ID = re.compile(r"[0-9A-F]{1,64}")
+
+
+def is_queue_id(value: Any) -> bool:
+    return isinstance(value, str) and QUEUE_ID.fullmatch(value) is not None
+
+
+def _is_address(value: Any) -> bool:
+    # What the listener let in: no line end, no angle bracket, no control
+    # character; anything else would make a wrong command when delivered.
+    return isinstance(value, str) and not any(
+        char in "<>" or ord(char) < 32 or ord(char) == 127 for char in value)
+
+
 def _one_of(*choices: str) -> Any:
     return lambda value: value in choices
 
@@ -225,7 +242,8 @@ _ATTEMPT = {
     "fallback": _optional(_is_str), "connected": _is_bool,
 }
 _RECIPIENT = {
-    "address": _is_str, "state": _one_of(PENDING, DEFERRED, DELIVERED, FAILED),
+    "address": _is_address,
+    "state": _one_of(PENDING, DEFERRED, DELIVERED, FAILED),
     "reason": _optional(_is_str), "dsn": _optional(_is_str),
     "next_attempt": _optional(_is_number),
     "history": _list_of(_mapping(_ATTEMPT, "attempt")),
@@ -234,7 +252,7 @@ _RECIPIENT = {
 _CLIENT = {"helo": _is_str, "host": _is_str, "address": _is_str,
            "listener": _is_str, "tls": _TLS}
 _ENVELOPE = {
-    "version": _is_int, "queue_id": _is_str, "sender": _is_str,
+    "version": _is_int, "queue_id": is_queue_id, "sender": _is_address,
     "arrival": _is_number, "size": _is_int, "client": _mapping(_CLIENT, "client"),
     "recipients": lambda value: isinstance(value, list) and len(value) > 0
     and all(_mapping(_RECIPIENT, "recipient")(item) for item in value),

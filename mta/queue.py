@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from mta.config import Config
 from mta.delivery import Deliverer, Group, GroupResult, group_recipients
 from mta.destinations import WAIT
-from mta.envelope import DELIVERED, HELD_DUE, Envelope, due_time
+from mta.envelope import DELIVERED, HELD_DUE, Envelope, due_time, is_queue_id
 from mta.envelopesave import save_envelope
 from mta.logs import log, log_accepted, log_delivery, log_event
 from mta.nexthop import NextHop
@@ -57,6 +57,8 @@ SCAN_INTERVAL = 10.0
 ACTIVE_LIMIT = 10_000
 # A parked message not woken in this time is taken up by the next scan.
 PARKED_AT_MOST = 60.0
+# A message whose files cannot be read now is tried again after this.
+RETRY_UNREADABLE = 30.0
 
 
 class QueueRunner:
@@ -138,17 +140,20 @@ class QueueRunner:
                   f"retrying in {SCAN_INTERVAL:g}s", "spool-scan")
 
     def _quarantine(self, problem: SpoolError) -> None:
+        # A name that is no queue id is shown quoted: it may hold anything.
+        name = problem.queue_id
+        shown = name if is_queue_id(name) else repr(name)
         try:
-            self.spool.quarantine(problem.queue_id)
+            self.spool.quarantine(name)
         except OSError as error:
             # Left where it is: the next scan tries again.
-            log_event("error", f"{problem.queue_id}: {problem}; cannot move "
-                      f"it to {self.spool.corrupt}: {error}", "spool-corrupt",
-                      queue_id=problem.queue_id)
+            log_event("error", f"{shown}: {problem}; cannot move it to "
+                      f"{self.spool.corrupt}: {error}", "spool-corrupt",
+                      queue_id=name)
             return
-        log_event("error", f"{problem.queue_id}: moved to {self.spool.corrupt}: "
-                  f"{problem}; it will not be delivered until an operator "
-                  "repairs it", "spool-corrupt", queue_id=problem.queue_id)
+        log_event("error", f"{shown}: moved to {self.spool.corrupt}: {problem}; "
+                  "it will not be delivered until an operator repairs it",
+                  "spool-corrupt", queue_id=name)
 
     def _pump(self) -> None:
         if self._stopping:
@@ -211,6 +216,12 @@ class QueueRunner:
         except FileNotFoundError:
             self._lost_message_file(queue_id)
             return []
+        except SpoolError as error:
+            self._quarantine(error)
+            return []
+        except OSError as error:
+            self._cannot_read(queue_id, error)
+            return []
         try:
             envelope = self._load(queue_id)
             if envelope is None:
@@ -270,7 +281,18 @@ class QueueRunner:
         except SpoolError as error:
             self._quarantine(error)
             return None
+        except OSError as error:
+            self._cannot_read(queue_id, error)
+            return None
         return envelope
+
+    def _cannot_read(self, queue_id: str, error: OSError) -> None:
+        # Permissions, or no file descriptor left: nothing is wrong with
+        # the message, so it is neither moved aside nor held.
+        log_event("warn", f"{queue_id}: cannot read its spool files now: "
+                  f"{error.strerror or error}; trying again in "
+                  f"{RETRY_UNREADABLE:g}s", "spool-unreadable", queue_id=queue_id)
+        self._schedule.add(queue_id, self.clock() + RETRY_UNREADABLE)
 
     async def _deliver(self, envelope: Envelope) -> tuple[Envelope, list[Group]]:
         """Deliver each group of due recipients that its destination

@@ -20,12 +20,18 @@ to an envelope) are pure functions; `apply` adds the lock and the files.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from mta.envelope import DEFERRED, DELIVERED, FAILED, PENDING, Envelope
+from mta.envelope import (
+    DEFERRED,
+    DELIVERED,
+    FAILED,
+    PENDING,
+    Envelope,
+    is_queue_id,
+)
 from mta.spool import Locked, MessageLock, Spool, SpoolError
 
 # A pseudo-state for `--state`: the message is on hold.
@@ -35,7 +41,6 @@ STATES = (PENDING, DEFERRED, DELIVERED, FAILED, HOLD)
 # Every message, as postsuper's "ALL"; no queue id can be spelled so.
 ALL = "ALL"
 
-QUEUE_ID = re.compile(r"[0-9A-F]{1,64}")
 LOCK_POLL = 0.05
 DEFAULT_WAIT = 10.0
 
@@ -93,7 +98,7 @@ def normal_queue_id(text: str) -> str | None:
     lower-case paste is accepted), or None: anything else, a path above
     all, must never reach a file name."""
     candidate = text.strip().upper()
-    return candidate if QUEUE_ID.fullmatch(candidate) else None
+    return candidate if is_queue_id(candidate) else None
 
 
 # --- what each operation does to an envelope ----------------------------------

@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# The most of a reply's text kept: a server's words, not its novel.
+MAX_TEXT = 2000
+
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
@@ -36,6 +39,9 @@ class Reply:
                 line = line[len(first.dsn) :].strip()
             rest.append(line)
         text = " ".join(part for part in (first.text, *rest) if part)
+        if len(text) > MAX_TEXT:
+            # Kept in the log, the spool at every attempt and the bounce.
+            text = text[:MAX_TEXT] + " [...]"
         return cls(first.code, first.dsn, text)
 
     @property
@@ -48,7 +54,7 @@ class Reply:
 
     @property
     def is_permanent(self) -> bool:
-        return self.code >= 500
+        return 500 <= self.code < 600
 
     def line(self) -> str:
         """As written in logs: ``250 2.0.0 Ok``."""

@@ -15,8 +15,8 @@ completes, before EHLO leaves; SIZE, BODY=8BITMIME and PIPELINING are used;
 the body goes through `BodyEncoder`, with the terminator in the same write
 as the last body bytes; every wait has a time limit (RFC 5321 4.5.3.2).
 
-Only the multi-line reply reader (`lineReceived`) and `sendLine` are reused
-from Twisted.  Each command sent queues the handler for its reply, so
+Only the line splitting and `sendLine` are reused from Twisted; the reply
+reader is ours (bounded, strict about codes).  Each command sent queues the handler for its reply, so
 pipelined commands (RFC 2920) are answered in order with no extra state.
 The values a session takes and gives back, and the decisions that need no
 socket, are in `mta.clientsession`; the body is sent by `mta.bodyproducer`.
@@ -24,6 +24,7 @@ socket, are in `mta.clientsession`; the body is sent by `mta.bodyproducer`.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -65,6 +66,14 @@ from mta.tlsctx import ClientCreator
 _log = Logger(namespace="mta.smtpclient")
 
 _Handler = Callable[[Reply, list[str]], None]
+
+# A reply line: a code 2xx-5xx, then a space, a hyphen (more lines follow)
+# or nothing (RFC 5321 4.2).
+_REPLY_CODE = re.compile(rb"([2-5][0-9][0-9])([ -]|$)")
+# The most a reply may hold; real ones (an EHLO reply) have some twenty
+# short lines.
+MAX_REPLY_LINES = 100
+MAX_REPLY_OCTETS = 32 * 1024
 
 
 class Keeper(Protocol):
@@ -112,6 +121,10 @@ class DeliveryClient(smtp.ESMTPClient):
 
         # (step, handler) for each reply still to come, oldest first.
         self._pending: deque[tuple[str, _Handler]] = deque()
+        # The reply being read: its code and lines so far.
+        self._reply_code: bytes | None = None
+        self._reply_lines: list[bytes] = []
+        self._reply_size = 0
         self._step = "greeting"
         self._caps = NO_EXTENSIONS
         self._creator: ClientCreator | None = None
@@ -155,10 +168,6 @@ class DeliveryClient(smtp.ESMTPClient):
         # Nagle would hold a short command (or the terminator) for the
         # peer's delayed ACK.
         self._wire.setTcpNoDelay(True)
-        # Twisted's reader calls one of two handlers by whether the code is
-        # expected; both are our dispatcher, which matches replies itself.
-        self._expected = []
-        self._okresponse = self._failresponse = self._dispatch
         self._limit(self._settings.timeouts.command)
         self._pending.append(("greeting", self._on_greeting))
 
@@ -192,17 +201,46 @@ class DeliveryClient(smtp.ESMTPClient):
         self._wire.abortConnection()
 
     def sendError(self, exc: BaseException) -> None:
-        # Twisted's reply reader calls this for a line without a code.
+        # Twisted's own reply reader is not used (see `lineReceived`).
+        self._malformed("")
+
+    def _malformed(self, what: str) -> None:
         _, doing, _ = STEPS[self._step]
-        self._fail(f"malformed reply from {self._target} while {doing}")
+        self._fail(f"malformed reply from {self._target}{what} while {doing}")
         self._abort()
 
     # Replies.
 
-    def lineReceived(self, line: bytes) -> Any:
+    def lineReceived(self, line: bytes) -> None:
+        """Gather a reply's lines; dispatch it once its last line is in.
+
+        Unlike Twisted's reader, a reply is malformed unless every line
+        starts with the same 2xx-5xx code (RFC 5321 4.2), and it is
+        bounded in lines and octets: a server that sends a reply without
+        end is cut off instead of filling memory.  The time limit runs
+        from the command to the end of its reply, not from line to line.
+        """
         if self._settings.transcript:
             _log.debug("{target} S: {line!r}", target=str(self._target), line=line)
-        return super().lineReceived(line)  # type: ignore[no-untyped-call]
+        code = _REPLY_CODE.match(line)
+        if code is None or (self._reply_code not in (None, code.group(1))):
+            self._malformed("")
+            return
+        self._reply_code = code.group(1)
+        self._reply_lines.append(line[4:])
+        self._reply_size += len(line)
+        if (len(self._reply_lines) > MAX_REPLY_LINES
+                or self._reply_size > MAX_REPLY_OCTETS):
+            self._malformed(f" (a reply of over {MAX_REPLY_LINES} lines or "
+                            f"{MAX_REPLY_OCTETS} octets)")
+            return
+        if code.group(2) == b"-":
+            return  # more lines to come
+
+        lines, self._reply_lines = self._reply_lines, []
+        self._reply_code, self._reply_size = None, 0
+        self.resetTimeout()  # type: ignore[no-untyped-call]
+        self._dispatch(int(code.group(1)), b"\n".join(lines))
 
     def sendLine(self, line: bytes) -> None:
         if self._settings.transcript:
@@ -223,6 +261,11 @@ class DeliveryClient(smtp.ESMTPClient):
             return
 
         self._step, handler = self._pending.popleft()
+        if 300 <= code < 400 and self._step != "DATA":
+            # Only DATA is answered "go ahead"; anywhere else it is no
+            # answer at all, and must neither bounce nor pass.
+            self._malformed(f" ({reply.line()})")
+            return
         if code == 421 and not self._closing:
             # RFC 5321 3.8: the server is closing; so do we, without QUIT.
             self._fail(self._refusal(reply), reply)

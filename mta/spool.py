@@ -28,13 +28,14 @@ import fcntl
 import heapq
 import os
 import secrets
+import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from mta.envelope import Envelope, due_time, from_json, to_json
+from mta.envelope import Envelope, due_time, from_json, is_queue_id, to_json
 
 
 class SpoolError(Exception):
@@ -47,6 +48,10 @@ class SpoolError(Exception):
 
 class Locked(SpoolError):
     """Another process holds the message (it is being delivered)."""
+
+
+class Unreadable(SpoolError):
+    """A file this process cannot read now (permissions): not damaged."""
 
 
 def new_queue_id() -> str:
@@ -122,6 +127,22 @@ def _write_durably(path: Path, data: bytes, mtime: float | None = None) -> None:
         raise
 
 
+def _read_regular(path: Path) -> bytes:
+    """The bytes of a regular file.  Anything else in the spool (a FIFO,
+    a device, a folder, a symbolic link) is `SpoolError`: opening a FIFO
+    would block the reactor, and a link may point anywhere."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENXIO):
+            raise SpoolError(f"{path.name} is not a regular file") from None
+        raise
+    with os.fdopen(descriptor, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise SpoolError(f"{path.name} is not a regular file")
+        return stream.read()
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         path.unlink()
@@ -184,12 +205,24 @@ class Spool:
 
     def load(self, queue_id: str) -> Envelope:
         """The envelope; `FileNotFoundError` when the message is gone,
-        `SpoolError` when the file cannot be read as an envelope."""
-        data = self.envelope_path(queue_id).read_bytes()
+        `SpoolError` when the file cannot be an envelope (quarantine it),
+        another `OSError` when it cannot be read now (permissions, no file
+        descriptor left: try again later)."""
+        if not is_queue_id(queue_id):
+            raise SpoolError(f"{queue_id!r}: not a queue id", queue_id)
         try:
-            return from_json(data)
+            data = _read_regular(self.envelope_path(queue_id))
+            envelope = from_json(data)
+        except SpoolError as error:
+            raise SpoolError(f"{queue_id}: {error}", queue_id) from None
         except ValueError as error:
-            raise SpoolError(f"{queue_id}: {error}") from None
+            raise SpoolError(f"{queue_id}: {error}", queue_id) from None
+        # The name decides which files are the message's: an envelope that
+        # names another message would act on that one's files.
+        if envelope.queue_id != queue_id:
+            raise SpoolError(f"{queue_id}: the envelope names another message, "
+                             f"{envelope.queue_id}", queue_id)
+        return envelope
 
     def earliest_due(self, limit: int) -> list[tuple[float, str]]:
         """The ``limit`` messages due soonest, as (due, queue id), from the
@@ -239,6 +272,12 @@ class Spool:
                 continue  # removed while we looked
             except SpoolError as error:
                 bad.append(error)
+                continue
+            except OSError as error:
+                # Unreadable for this process (permissions): say so and go
+                # on; it is no reason to quarantine anything.
+                bad.append(Unreadable(f"{queue_id}: cannot read: "
+                                      f"{error.strerror or error}", queue_id))
                 continue
             envelopes.append(envelope)
         return envelopes, bad
@@ -308,11 +347,14 @@ class Spool:
         ]
         for path in candidates:
             try:
-                if path.stat().st_mtime < limit:
+                # Only our own files: a folder or anything else someone put
+                # here is none of ours to remove.
+                status = path.lstat()
+                if stat.S_ISREG(status.st_mode) and status.st_mtime < limit:
                     path.unlink()
                     removed.append(path.name)
-            except FileNotFoundError:
-                continue
+            except OSError:
+                continue  # gone meanwhile, or not ours to remove
         return removed
 
     # --- locking -------------------------------------------------------
@@ -320,7 +362,20 @@ class Spool:
     def lock(self, queue_id: str, wait: bool = False) -> MessageLock:
         """Take the message's lock, or raise `Locked` (when ``wait`` is
         false and another process holds it) or `FileNotFoundError`."""
-        descriptor = os.open(self.message_path(queue_id), os.O_RDONLY)
+        if not is_queue_id(queue_id):
+            raise SpoolError(f"{queue_id!r}: not a queue id", queue_id)
+        try:
+            descriptor = os.open(self.message_path(queue_id),
+                                 os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except OSError as error:
+            if error.errno in (errno.ELOOP, errno.ENXIO):
+                raise SpoolError(f"{queue_id}: message file is not a regular "
+                                 "file", queue_id) from None
+            raise
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            raise SpoolError(f"{queue_id}: message file is not a regular file",
+                             queue_id)
         flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
         try:
             fcntl.flock(descriptor, flags)
