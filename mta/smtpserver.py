@@ -158,6 +158,7 @@ class RelayServer(smtp.ESMTP):
         self._errors = 0  # error replies so far (limits.errors)
         self._command = "CONNECT"  # the last command, for log lines
         self._data_deadline: Any = None  # an IDelayedCall while in DATA
+        self._abort_call: Any = None  # an IDelayedCall once closing
         self._read_closed = False  # the client half-closed: no more input
         self._write_blocked = False  # unsent replies fill the transport
         self._reading_paused = False
@@ -235,14 +236,24 @@ class RelayServer(smtp.ESMTP):
         self._close()
 
     def _close(self) -> None:
-        """Close once the replies written so far are sent."""
+        """Close once the replies written so far are sent; a client that
+        does not take them within idle_timeout is cut off."""
+        if self._closing:
+            return
         self._closing = True
+        self.setTimeout(None)
+        self._stop_data_deadline()
         if self._producing:
             # Twisted's loseConnection waits for a registered producer that
             # is paused: it would never close.
             self._producing = False
             self.transport.unregisterProducer()
         self.transport.loseConnection()
+        # Twisted closes only once every reply is sent: a client that never
+        # reads would keep the connection (and its place) for ever.
+        self._abort_call = self.settings.reactor.callLater(
+            self.idle_timeout, self.transport.abortConnection
+        )
 
     def handshakeCompleted(self) -> None:
         connection = self.transport.getHandle()
@@ -261,6 +272,8 @@ class RelayServer(smtp.ESMTP):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
         self._producing = False
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         self._lost_in_data()
         if isinstance(self.factory, RelayServerFactory):
             self.factory.forget(self)

@@ -645,6 +645,29 @@ class TestUnreadReplies:
         # Unregistered, or Twisted's loseConnection would wait for it.
         assert session.transport.producer is None
 
+    def test_a_client_that_never_reads_is_cut_off(self, server: Server) -> None:
+        """Twisted closes a connection only once every reply is sent: a
+        client that reads nothing would keep it for ever.  The idle timer
+        runs (no command is handled), then idle_timeout more to take the
+        421, then the connection is aborted."""
+        session = server.connect()
+        session.protocol.pauseProducing()
+        session.send("NOOP\r\n" * 1000)
+        server.clock.advance(60)
+        assert session.take() == [TIMEOUT]
+        assert session.transport.disconnecting
+        assert not session.transport.disconnected
+        server.clock.advance(60)
+        assert session.transport.disconnected  # abortConnection
+
+    def test_a_closed_connection_is_not_aborted(self, server: Server) -> None:
+        session = server.connect()
+        session.send("QUIT\r\n")
+        session.close()
+        server.clock.advance(3600)
+        assert not session.transport.disconnected
+        assert not server.clock.getDelayedCalls()
+
     def test_a_commit_and_a_full_transport_both_hold_the_input(
         self, server: Server
     ) -> None:
