@@ -106,11 +106,21 @@ class Listener:
 class Limits:
     message_size: int
     recipients: int
+    # RFC 5321 4.5.3.2.7: how long the listener waits for the next complete
+    # command line (a partial line does not count as activity).
     idle_timeout: float
     hops: int = 50  # Received headers a message may carry (Postfix's 50)
     # How long a stop waits for messages being received and deliveries
     # under way before it closes them (mta.stopping).
     stop_timeout: float = 30.0
+    # Hostile clients (mta.clientlimits): error replies in one session
+    # (Postfix's smtpd_hard_error_limit), client connections in total and
+    # from one address (Postfix's smtpd_client_connection_count_limit), and
+    # the time from 354 to the end of the message.
+    errors: int = 20
+    connections: int = 300
+    client_connections: int = 50
+    data_timeout: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,7 +452,9 @@ def _addresses_overlap(one: str, other: str) -> bool:
 def _parse_limits(reader: Reader, raw: Any) -> Limits:
     limits = reader.mapping(raw, "limits", ("message_size", "recipients",
                                             "idle_timeout", "hops",
-                                            "stop_timeout"))
+                                            "stop_timeout", "errors",
+                                            "connections", "client_connections",
+                                            "data_timeout"))
     return Limits(
         message_size=reader.value(
             limits, "limits", "message_size", parse_size, default=50 * 1024**2
@@ -457,6 +469,14 @@ def _parse_limits(reader: Reader, raw: Any) -> Limits:
             limits, "limits", "hops", parse_positive_int, default=50
         ) or 50,
         stop_timeout=_duration(reader, limits, "limits", "stop_timeout", 30),
+        errors=_count(reader, limits, "limits", "errors", 20),
+        connections=_count(reader, limits, "limits", "connections", 300),
+        client_connections=_count(
+            reader, limits, "limits", "client_connections", 50
+        ),
+        data_timeout=_duration(
+            reader, limits, "limits", "data_timeout", 600, parse_timeout
+        ),
     )
 
 
@@ -648,6 +668,13 @@ def _parse_destination_manners(
         "destination_backoff": backoff,
         "destination_max_backoff": max(longest, backoff),
     }
+
+
+def _count(
+    reader: Reader, raw: dict[str, Any], key: str, name: str, default: int
+) -> int:
+    value = reader.value(raw, key, name, parse_positive_int, default=default)
+    return default if value is None else value
 
 
 def _duration(

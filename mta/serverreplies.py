@@ -2,7 +2,8 @@
 
 The replies to MAIL and RCPT that depend on their arguments (syntax,
 relaying, sizes) are with those rules in `mta.relaycontrol`; these are the
-rest: command syntax and order, STARTTLS, QUIT, and the end of DATA.
+rest: command syntax and order, STARTTLS, QUIT, the end of DATA, and the
+421 replies that end a session (timeouts, too many errors or connections).
 """
 
 from __future__ import annotations
@@ -47,6 +48,29 @@ BARE_NEWLINE_IN_DATA = Reply(
 )
 QUEUE_WRITE_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
 NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
+
+
+# Replies that end the session (RFC 5321 3.8: 421 may answer any command
+# when the server must close); each names the relay, as Postfix's do.
+
+
+def timeout_exceeded(hostname: str) -> Reply:
+    return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded")
+
+
+def too_many_errors(hostname: str) -> Reply:
+    return Reply(421, "4.7.0", f"{hostname} Error: too many errors")
+
+
+def too_many_connections_from(hostname: str, address: str) -> Reply:
+    return Reply(421, "4.7.0", f"{hostname} Error: too many connections from {address}")
+
+
+def too_many_connections(hostname: str) -> Reply:
+    # RFC 3463 X.3.2: the system is not accepting network messages now.
+    return Reply(
+        421, "4.3.2", f"{hostname} Error: too many connections; try again later"
+    )
 
 
 def syntax(usage: str) -> Reply:

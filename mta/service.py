@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.python import usage
 
 from mta import __version__
+from mta.clientlimits import ClientConnections
 from mta.config import Config, ConfigError, default_config_path, load_config
 from mta.destinations import Destinations
 from mta.envelope import Envelope
@@ -68,6 +69,9 @@ class RelayService(service.Service):
         self.factories: list[RelayServerFactory] = []
         self.spool = Spool(config.spool)
         self.destinations = Destinations()
+        # One count for every listener: limits.client_connections is per
+        # address, whichever port the client uses.
+        self.clients = ClientConnections()
         self._install(build(config, reactor))
         self.queue = QueueRunner(
             reactor, self.spool, lambda: self.config, lambda: self.deliverer
@@ -103,6 +107,7 @@ class RelayService(service.Service):
                 lambda: self.tls_creator,
                 self._queued,
                 reactor=self.reactor,
+                clients=self.clients,
             )
             try:
                 port = self.reactor.listenTCP(

@@ -15,7 +15,19 @@ rest, whose faults TWISTED-NOTES.md lists:
 - STARTTLS throws away whatever was pipelined after it and forgets the
   HELO and the transaction (RFC 3207 4.2, CVE-2011-0411);
 - one spool writer per transaction, fed as the bytes arrive, so memory stays
-  flat whatever the message size.
+  flat whatever the message size;
+- a client that sends without reading our replies is not read from while
+  the transport holds more unsent replies than its buffer size: the server
+  is the transport's push producer, paused and resumed by it;
+- the command timer runs from the last complete command line, never from a
+  partial one (a client sending a byte now and then does not keep a
+  session), and a message has its own deadline from 354 to CRLF.CRLF;
+- a client that shuts down its sending side (half-close) has what it sent
+  before answered, then the connection is closed; a message it cut short
+  is dropped.
+
+How many connections and errors one client may have are pure rules in
+`mta.clientlimits`, with the process-wide connection count.
 
 Which recipients a listener takes, and the MAIL and RCPT syntax, are pure
 functions in `mta.relaycontrol`; the DATA stream is decoded by the pure
@@ -30,14 +42,25 @@ from dataclasses import replace
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
-from twisted.internet.protocol import ServerFactory, connectionDone
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IPushProducer,
+    ITLSTransport,
+)
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mta.clientlimits import (
+    ClientConnections,
+    connection_refusal,
+    counts_as_error,
+    too_many_errors,
+)
 from mta.config import Config, Listener
 from mta.datadecoder import DataDecoder
 from mta.envelope import Client, Envelope, Recipient, TLSFacts
@@ -75,8 +98,10 @@ from mta.serverreplies import (
     UNKNOWN_COMMAND,
     reply_text,
     syntax,
+    timeout_exceeded,
     write_error_reply,
 )
+from mta.serverreplies import too_many_errors as too_many_errors_reply
 from mta.serversession import (
     CommitMessage,
     MessageInProgress,
@@ -100,10 +125,13 @@ UNKNOWN_HOST = "unknown"
 # --- the session ---------------------------------------------------------------
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IHalfCloseableProtocol, IPushProducer)
 class RelayServer(smtp.ESMTP):
     """One client connection.  Commands are dispatched to ``smtp_VERB``
-    methods, each of which sends exactly one reply."""
+    methods, each of which sends exactly one reply.
+
+    Input waits in ``_input`` (the transport paused) while a reply must
+    wait: a commit in progress, or replies the client does not read."""
 
     transport: Any  # ITCPTransport, and ITLSTransport when it can
 
@@ -112,6 +140,7 @@ class RelayServer(smtp.ESMTP):
         self.settings = settings
         self.host = settings.config.hostname.encode("ascii")
         self.idle_timeout = settings.config.limits.idle_timeout
+        self.data_timeout = settings.config.limits.data_timeout
         self.client_address = UNKNOWN_HOST
         self.tls: TLSFacts | None = None
 
@@ -126,6 +155,14 @@ class RelayServer(smtp.ESMTP):
         self._processing = False
         self._closing = False
         self._stopping = False  # the relay stops: no new transaction
+        self._errors = 0  # error replies so far (limits.errors)
+        self._command = "CONNECT"  # the last command, for log lines
+        self._data_deadline: Any = None  # an IDelayedCall while in DATA
+        self._abort_call: Any = None  # an IDelayedCall once closing
+        self._read_closed = False  # the client half-closed: no more input
+        self._write_blocked = False  # unsent replies fill the transport
+        self._reading_paused = False
+        self._producing = False  # registered as the transport's producer
 
     # --- connection events -------------------------------------------
 
@@ -141,6 +178,10 @@ class RelayServer(smtp.ESMTP):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:  # a TCP connection
             no_delay(True)
+        # The transport pauses us when its buffer of unsent replies is full
+        # and resumes us when it has drained (IConsumer.registerProducer).
+        self.transport.registerProducer(self, True)
+        self._producing = True
         # RFC 2034: no enhanced status code in the greeting.
         self.transport.write(b"220 " + self.greeting() + b"\r\n")
         self.setTimeout(self.idle_timeout)
@@ -149,10 +190,33 @@ class RelayServer(smtp.ESMTP):
         return self.settings.config.hostname.encode("ascii") + b" ESMTP"
 
     def timeoutConnection(self) -> None:
-        hostname = self.settings.config.hostname
-        self._reply(Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded"))
-        self._closing = True
-        self.transport.loseConnection()
+        # TimeoutMixin's hook: no complete command line for idle_timeout,
+        # or, inside DATA, no byte at all.
+        self._timed_out(
+            f"nothing received for {self.idle_timeout:g}s (limits.idle_timeout)"
+        )
+
+    def _data_timed_out(self) -> None:
+        self._data_deadline = None
+        self._timed_out(
+            f"the message was not complete after {self.data_timeout:g}s "
+            "(limits.data_timeout)"
+        )
+
+    def _timed_out(self, why: str) -> None:
+        where = "DATA" if self._message is not None else self._command
+        self._drop_message()
+        # RFC 5321 4.5.3.2.7: a server may close a session that stays idle;
+        # 421 tells the client to try again later.
+        log_event(
+            "info",
+            f"timeout after {where} from {self._client()}: {why}; "
+            "answered 421 4.4.2, connection closed",
+            "timeout",
+            client=self._client(),
+        )
+        self._reply(timeout_exceeded(self.settings.config.hostname))
+        self._close()
 
     def shut_down(self) -> None:
         """The relay is stopping: a message being received or committed
@@ -169,8 +233,27 @@ class RelayServer(smtp.ESMTP):
         # knows it must shut down.
         self._reply(Reply(421, "4.3.2", f"{hostname} Service shutting down, "
                           "closing transmission channel"))
+        self._close()
+
+    def _close(self) -> None:
+        """Close once the replies written so far are sent; a client that
+        does not take them within idle_timeout is cut off."""
+        if self._closing:
+            return
         self._closing = True
+        self.setTimeout(None)
+        self._stop_data_deadline()
+        if self._producing:
+            # Twisted's loseConnection waits for a registered producer that
+            # is paused: it would never close.
+            self._producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
+        # Twisted closes only once every reply is sent: a client that never
+        # reads would keep the connection (and its place) for ever.
+        self._abort_call = self.settings.reactor.callLater(
+            self.idle_timeout, self.transport.abortConnection
+        )
 
     def handshakeCompleted(self) -> None:
         connection = self.transport.getHandle()
@@ -188,27 +271,97 @@ class RelayServer(smtp.ESMTP):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
-        if self._message is not None:
-            # The client gave up mid-DATA: nothing is spooled, and it is
-            # theirs to send again, so this is no error of ours.
-            self._message.writer.abort()
-            self._message = None
-            log_event(
-                "info",
-                f"lost connection after DATA from {self._client()}",
-                "lost_connection",
-                client=self._client(),
-            )
+        self._producing = False
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._lost_in_data()
         if isinstance(self.factory, RelayServerFactory):
             self.factory.forget(self)
         super().connectionLost(reason)
+
+    def readConnectionLost(self) -> None:
+        """The client shut down its sending side (TCP half-close): answer
+        what came before, then close.  Replies still waiting (a commit, a
+        full transport) are sent first; see `_end_if_read_closed`."""
+        self._read_closed = True
+        self._end_if_read_closed()
+
+    def writeConnectionLost(self) -> None:
+        # We never half-close; should the transport say so, we are done.
+        self._close()
+
+    def _end_if_read_closed(self) -> None:
+        if not self._read_closed or self._closing:
+            return
+        if self._waiting or self._write_blocked:
+            return  # _resume or resumeProducing comes back here
+        self._lost_in_data()
+        self._close()
+
+    def _lost_in_data(self) -> None:
+        if self._message is None:
+            return
+        # The client gave up mid-DATA: nothing is spooled, and it is theirs
+        # to send again, so this is no error of ours.
+        self._drop_message()
+        log_event(
+            "info",
+            f"lost connection after DATA from {self._client()}",
+            "lost_connection",
+            client=self._client(),
+        )
+
+    def _drop_message(self) -> None:
+        """The message being received will never be complete: nothing of
+        it stays in the spool."""
+        self._stop_data_deadline()
+        if self._message is not None:
+            self._message.writer.abort()
+            self._message = None
+
+    def _stop_data_deadline(self) -> None:
+        if self._data_deadline is not None and self._data_deadline.active():
+            self._data_deadline.cancel()
+        self._data_deadline = None
+
+    # --- flow control --------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """The transport holds more unsent replies than its buffer size: a
+        client that pipelines without reading is not read from until they
+        drain, so they cannot pile up in memory."""
+        self._write_blocked = True
+        self._pause_or_resume_reading()
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        self._pause_or_resume_reading()
+        self._process()
+
+    def stopProducing(self) -> None:
+        """The connection is gone; `connectionLost` does the rest."""
+
+    def _pause_or_resume_reading(self) -> None:
+        hold = self._waiting or self._write_blocked
+        if hold and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+        elif not hold and self._reading_paused:
+            self._reading_paused = False
+            # After a half-close there is nothing left to read (reading
+            # again would only find the end once more).
+            if not (self._closing or self._read_closed):
+                self.transport.resumeProducing()
 
     # --- input -------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self.resetTimeout()
+        if self._message is not None:
+            # Inside DATA any byte is progress; the message's own deadline
+            # bounds a client that sends them slowly.
+            self.resetTimeout()
         self._input += data
         self._process()
 
@@ -218,18 +371,46 @@ class RelayServer(smtp.ESMTP):
             return
         self._processing = True
         try:
-            while self._input and not (self._waiting or self._closing):
+            while not self._must_stop():
                 if self._message is not None:
                     self._message_received()
                     continue
                 line = self._take_line()
                 if line is None:
                     break
+                # RFC 5321 4.5.3.2.7: the timer runs from the last complete
+                # command; a partial line is no sign of life.
+                self.resetTimeout()
                 self._line_received(*line)
         finally:
             self._processing = False
         if self._stopping:
             self._close_if_idle()
+        self._end_if_read_closed()
+
+    def _must_stop(self) -> bool:
+        """Whether buffered input must wait, or the session is over."""
+        if self._closing:
+            return True
+        if too_many_errors(self.settings.config.limits, self._errors):
+            self._too_many_errors()
+            return True
+        return not self._input or self._waiting or self._write_blocked
+
+    def _too_many_errors(self) -> None:
+        # Postfix's smtpd_hard_error_limit: a client that keeps being
+        # refused is broken or probing; talking on helps neither.
+        log_event(
+            "info",
+            f"too many errors after {self._command} from {self._client()}: "
+            f"{self._errors} error replies (limits.errors: "
+            f"{self.settings.config.limits.errors}); answered 421 4.7.0, "
+            "connection closed",
+            "too_many_errors",
+            client=self._client(),
+        )
+        self._reply(too_many_errors_reply(self.settings.config.hostname))
+        self._close()
 
     def _take_line(self) -> tuple[bytes, bool] | None:
         """The next command line without its CRLF, and whether it was too
@@ -267,8 +448,10 @@ class RelayServer(smtp.ESMTP):
         argument = words[1] if len(words) > 1 else ""
         handler = getattr(self, f"smtp_{verb}", None) if verb.isalpha() else None
         if handler is None:
+            self._command = "UNKNOWN"
             self._reply(UNKNOWN_COMMAND)
             return
+        self._command = verb
         handler(argument)
 
     def _message_received(self) -> None:
@@ -282,6 +465,8 @@ class RelayServer(smtp.ESMTP):
         if rest is not None:
             self._input += rest
             self._message = None
+            self._stop_data_deadline()
+            self._command = "END-OF-MESSAGE"
             self._end_of_data(message)
 
     def _store(self, message: MessageInProgress, data: bytes) -> None:
@@ -303,6 +488,8 @@ class RelayServer(smtp.ESMTP):
         # character from becoming an exception in the reactor.
         line = reply_text(reply).encode("ascii", "replace")
         self.transport.write(line + b"\r\n")
+        if counts_as_error(reply):
+            self._errors += 1
 
     def _answer(self, command: str, reply: Reply) -> None:
         """Reply to a transaction command; a refusal is logged."""
@@ -446,6 +633,9 @@ class RelayServer(smtp.ESMTP):
             self._answer("DATA", refusal)
             return
         self._reply(START_DATA)
+        self._data_deadline = self.settings.reactor.callLater(
+            self.data_timeout, self._data_timed_out
+        )
 
     def _open_message(self, transaction: Transaction) -> Reply | None:
         """Start the spool file with our Received header; None when the
@@ -496,8 +686,7 @@ class RelayServer(smtp.ESMTP):
 
     def smtp_QUIT(self, argument: str) -> None:
         self._reply(BYE)
-        self._closing = True
-        self.transport.loseConnection()
+        self._close()
 
     # --- the end of a message ------------------------------------------
 
@@ -516,7 +705,7 @@ class RelayServer(smtp.ESMTP):
         # in order), and its time is ours, not the client's idle time.
         self._waiting = True
         self.setTimeout(None)
-        self.transport.pauseProducing()
+        self._pause_or_resume_reading()
         committed = self.settings.commit(message.writer, envelope)
         committed.addCallbacks(
             self._queued,
@@ -575,7 +764,7 @@ class RelayServer(smtp.ESMTP):
         self._waiting = False
         if self._closing:
             return
-        self.transport.resumeProducing()
+        self._pause_or_resume_reading()
         self.setTimeout(self.idle_timeout)
         self._process()
 
@@ -600,6 +789,10 @@ class RelayServerFactory(ServerFactory):
 
     ``commit`` runs `MessageWriter.commit` (blocking: fsync) in the
     reactor's thread pool; tests may replace it.
+
+    ``clients`` counts the open connections by client address; the relay
+    gives every listener the same one (`mta.clientlimits`).  A connection
+    over a limit gets its 421 from a `RefusedConnection`.
     """
 
     # Twisted's own "Starting factory" lines say nothing an operator needs.
@@ -613,6 +806,7 @@ class RelayServerFactory(ServerFactory):
         get_tls_creator: Callable[[], ServerCreator],
         on_queued: Callable[[Envelope], None],
         reactor: Any = None,
+        clients: ClientConnections | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -625,8 +819,10 @@ class RelayServerFactory(ServerFactory):
         self.on_queued = on_queued
         self.reactor = reactor
         self.commit: CommitMessage = self._commit_in_thread
-        # Live connections, for a stop that lets them finish (mta.stopping).
-        self.connections: set[RelayServer] = set()
+        self.clients = ClientConnections() if clients is None else clients
+        # Live connections, for a stop that lets them finish (mta.stopping),
+        # each with the client address it is counted under in ``clients``.
+        self.connections: dict[RelayServer, str] = {}
         self._stopping = False
         self._drained: list[Deferred[None]] = []
 
@@ -636,7 +832,7 @@ class RelayServerFactory(ServerFactory):
         pool = self.reactor.getThreadPool()
         return deferToThreadPool(self.reactor, pool, writer.commit, envelope)
 
-    def buildProtocol(self, addr: Any) -> RelayServer | None:
+    def buildProtocol(self, addr: Any) -> Protocol | None:
         if self._stopping:
             return None
         config = self.get_config()
@@ -649,6 +845,25 @@ class RelayServerFactory(ServerFactory):
                 "listener_missing",
             )
             return None
+        address = str(getattr(addr, "host", "") or UNKNOWN_HOST)
+        refusal = connection_refusal(
+            config.limits,
+            config.hostname,
+            address,
+            open_total=self.clients.total,
+            open_from_client=self.clients.open_from(address),
+            exempt=listener.allows_client(address),
+        )
+        if refusal is not None:
+            log_event(
+                "warn",
+                f"refused connection from {UNKNOWN_HOST}[{address}] to listener "
+                f"{listener.name}: {refusal.reason}; answered "
+                f"{refusal.reply.code} {refusal.reply.dsn}, connection closed",
+                "connection_refused",
+                client=f"{UNKNOWN_HOST}[{address}]",
+            )
+            return RefusedConnection(refusal.reply)
         protocol = RelayServer(
             Settings(
                 config=config,
@@ -661,7 +876,8 @@ class RelayServerFactory(ServerFactory):
             )
         )
         protocol.factory = self
-        self.connections.add(protocol)
+        self.connections[protocol] = address
+        self.clients.opened(address)
         return protocol
 
     def shut_down(self) -> Deferred[None]:
@@ -682,7 +898,9 @@ class RelayServerFactory(ServerFactory):
             protocol.transport.abortConnection()
 
     def forget(self, protocol: RelayServer) -> None:
-        self.connections.discard(protocol)
+        address = self.connections.pop(protocol, None)
+        if address is not None:
+            self.clients.closed(address)
         self._fire_if_drained()
 
     def _fire_if_drained(self) -> None:
@@ -702,6 +920,21 @@ class RelayServerFactory(ServerFactory):
                 "tls_unavailable",
             )
             return None
+
+
+class RefusedConnection(Protocol):
+    """A connection over a limit: it is told why, then closed.  A client
+    told 421 tries later (RFC 5321 3.8); a silent close looks to it like a
+    network fault."""
+
+    transport: Any  # ITCPTransport
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+
+    def connectionMade(self) -> None:
+        self.transport.write(reply_text(self.reply).encode("ascii") + b"\r\n")
+        self.transport.loseConnection()
 
 
 def find_listener(config: Config, name: str) -> Listener | None:

@@ -358,9 +358,24 @@ def test_defaults_fill_what_the_file_leaves_out(folder: Path) -> None:
     assert config.delivery.port == 25
     assert config.limits.message_size == 50 * 1024**2
     assert config.limits.stop_timeout == 30.0
+    assert config.limits.errors == 20
+    assert config.limits.connections == 300
+    assert config.limits.client_connections == 50
+    assert config.limits.data_timeout == 600.0
     assert config.nameservers is None
     assert dict(config.defaults) == {"inbound": "opportunistic",
                                      "outbound": "opportunistic"}
+
+
+def test_limits_on_clients(folder: Path) -> None:
+    data = base_config()
+    data["limits"] = {"errors": 5, "connections": 1000, "client_connections": 2,
+                      "data_timeout": "30m", "idle_timeout": "90s"}
+    limits = load_config(write(folder, data)).limits
+    assert (limits.errors, limits.connections, limits.client_connections) == (
+        5, 1000, 2
+    )
+    assert (limits.data_timeout, limits.idle_timeout) == (1800.0, 90.0)
 
 
 def test_the_default_cipher_lists_are_the_spec_lists() -> None:
@@ -476,6 +491,16 @@ BAD_VALUES = [
      ["limits.stop_timeout: expected a duration", "(got 'a while')"]),
     (("limits",), {"stop_timeout": -1},
      ["limits.stop_timeout: a duration cannot be negative", "(got -1)"]),
+    (("limits",), {"data_timeout": "0s"},
+     ["limits.data_timeout: a timeout must be above zero", "(got '0s')"]),
+    (("limits",), {"errors": 0},
+     ["limits.errors: expected a whole number above zero", "(got 0)"]),
+    (("limits",), {"connections": "many"},
+     ["limits.connections: expected a whole number above zero",
+      "(got 'many')"]),
+    (("limits",), {"client_connections": -1},
+     ["limits.client_connections: expected a whole number above zero",
+      "(got -1)"]),
     (("delivery",), {"timeouts": {"data": 0}},
      ["delivery.timeouts.data: a timeout must be above zero", "(got 0)"]),
     # sizes and counts

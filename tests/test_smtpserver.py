@@ -1,208 +1,42 @@
 """The SMTP listener: in memory with `StringTransport` and a fake clock for
 the state machine, then on loopback with real TLS and Python's smtplib.
 
-Each in-memory test talks to one `RelayServer` over a `Session`, whose
-``send`` returns the reply lines the server wrote for that input.  The
-spool is real (in ``tmp_path``); the commit runs at once unless a test holds
-it with a `Deferred` of its own.
+The harness (`Server`, `Session`, `Listening`) is in tests/serverharness.py;
+what hostile clients try (smuggling, STARTTLS injection, line and size
+limits, timeouts, loops, garbage) is in tests/test_hostile_clients.py.
 """
 
 from __future__ import annotations
 
 import errno
 import smtplib
-import socket
 import ssl
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, task, threads
-from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
-from twisted.python.failure import Failure
-from zope.interface import implementer
+from twisted.internet import defer
 
-from mta.config import DEFAULT_CIPHERS, Config, load_config
+from mta.config import DEFAULT_CIPHERS
 from mta.datadecoder import DataDecoder
 from mta.envelope import Envelope, TLSFacts
 from mta.received import received_header
-from mta.smtpserver import RelayServer, RelayServerFactory
-from mta.spool import MessageWriter, Spool
-from mta.tlsctx import ServerCreator, server_context
+from mta.spool import MessageWriter
+from mta.tlsctx import ServerCreator
 from tests.peers import certs
-
-HOSTNAME = "relay.test"
-LIMIT = 2 * 1024 * 1024  # limits.message_size in these tests
-
-CONFIG = """
-hostname: relay.test
-spool: spool
-tls: {{certificate: {certificate}, private_key: {key}}}
-listeners:
-  - {{name: mx, address: 127.0.0.1, port: 2525, role: inbound}}
-  - {{name: submission, address: 127.0.0.1, port: 2587, role: outbound,
-     require_tls: true, networks: [192.0.2.0/24]}}
-  - {{name: internal, address: 127.0.0.1, port: 2588, role: outbound,
-     networks: [192.0.2.0/24, 127.0.0.0/8]}}
-limits: {{message_size: {limit}, recipients: 3, idle_timeout: 60s}}
-domains:
-  example.com: {{relay_to: ["mail.example.com"]}}
-"""
-
-
-def write_config(folder: Path, files: certs.CertFiles | None = None) -> Config:
-    path = folder / "mta.yaml"
-    path.write_text(
-        CONFIG.format(
-            certificate=files.chain if files else "none.crt",
-            key=files.key if files else "none.key",
-            limit=LIMIT,
-        )
-    )
-    return load_config(path, check_tls=files is not None)
-
-
-# --- in memory -------------------------------------------------------------
-
-
-class FakeHandle:
-    """What `getHandle()` gives after a TLS handshake."""
-
-    def get_protocol_version_name(self) -> str:
-        return "TLSv1.3"
-
-    def get_cipher_name(self) -> str:
-        return "TLS_AES_128_GCM_SHA256"
-
-    def get_cipher_bits(self) -> int:
-        return 128
-
-
-@implementer(ITLSTransport)
-class TLSStringTransport(StringTransport):
-    """A `StringTransport` that records `startTLS` instead of doing it."""
-
-    def __init__(self, peer: str) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", peer, 40000))
-        self.tls_creator: object = None
-
-    def startTLS(self, contextFactory: object, normal: bool = True) -> None:
-        self.tls_creator = contextFactory
-
-    def getHandle(self) -> FakeHandle:
-        return FakeHandle()
-
-
-def commit_at_once(writer: MessageWriter, envelope: Envelope) -> defer.Deferred[None]:
-    return defer.maybeDeferred(writer.commit, envelope)
-
-
-class Server:
-    """A factory over a real spool, a fake clock and a fake TLS creator."""
-
-    def __init__(self, folder: Path) -> None:
-        self.config = write_config(folder)
-        self.spool = Spool(folder / "spool")
-        self.spool.create()
-        self.clock = task.Clock()
-        self.queued: list[Envelope] = []
-        self.creator = object()
-        self.factory = RelayServerFactory(
-            "mx",
-            lambda: self.config,
-            self.spool,
-            lambda: self.creator,  # type: ignore[arg-type,return-value]
-            self.queued.append,
-            reactor=self.clock,
-        )
-        self.factory.commit = commit_at_once
-
-    def connect(self, listener: str = "mx", peer: str = "192.0.2.1") -> Session:
-        self.factory.listener_name = listener
-        return Session(self.factory, peer)
-
-    def message(self, queue_id: str) -> bytes:
-        return self.spool.message_path(queue_id).read_bytes()
-
-    def is_empty(self) -> bool:
-        """Nothing queued, nothing half-written."""
-        return not any(self.spool.queue.iterdir()) and not any(self.spool.tmp.iterdir())
-
-
-class Session:
-    def __init__(self, factory: RelayServerFactory, peer: str) -> None:
-        self.transport = TLSStringTransport(peer)
-        protocol = factory.buildProtocol(self.transport.getPeer())
-        assert isinstance(protocol, RelayServer)
-        self.protocol = protocol
-        protocol.makeConnection(self.transport)
-        self.greeting = self.take()
-
-    def take(self) -> list[str]:
-        lines = self.transport.value().decode("ascii").split("\r\n")
-        self.transport.clear()
-        assert lines[-1] == ""
-        return lines[:-1]
-
-    def send(self, data: bytes | str) -> list[str]:
-        if isinstance(data, str):
-            data = data.encode("ascii")
-        self.protocol.dataReceived(data)
-        return self.take()
-
-    def hello(self) -> None:
-        assert self.send("EHLO client.example\r\n")[-1].startswith("250 ")
-
-    def start_transaction(self, *recipients: str) -> None:
-        self.hello()
-        commands = "MAIL FROM:<sender@client.example>\r\n" + "".join(
-            f"RCPT TO:<{rcpt}>\r\n" for rcpt in recipients or ["a@example.com"]
-        )
-        for reply in self.send(commands):
-            assert reply.startswith("250 "), reply
-
-    def start_data(self, *recipients: str) -> None:
-        self.start_transaction(*recipients)
-        assert self.send("DATA\r\n") == ["354 End data with <CR><LF>.<CR><LF>"]
-
-
-def codes(lines: list[str]) -> list[str]:
-    """The final line of each reply, as "CODE X.Y.Z" (or "CODE")."""
-    return [" ".join(line.split()[:2]) for line in lines if line[3] == " "]
-
-
-def queued_id(line: str) -> str:
-    assert line.startswith("250 2.0.0 Ok: queued as "), line
-    return line.rsplit(" ", 1)[1]
-
-
-def body_of(message: bytes) -> bytes:
-    """The message without our Received header (its first 4 or 5 lines)."""
-    assert message.startswith(b"Received: from ")
-    header_end = message.index(b"\r\n", message.index(b"; ")) + 2
-    return message[header_end:]
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Server:
-    return Server(tmp_path)
-
-
-@pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
-    captured: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(captured.append)
-    yield captured
-    globalLogPublisher.removeObserver(captured.append)
-
-
-def lines_of(events: list[dict[str, Any]]) -> list[str]:
-    return [event["mta_line"] for event in events if "mta_line" in event]
+from tests.serverharness import (
+    LIMIT,
+    Listening,
+    Server,
+    Session,
+    body_of,
+    client_context,
+    codes,
+    in_thread,
+    lines_of,
+    queued_id,
+    raw_exchange,
+)
 
 
 class TestGreetingAndEhlo:
@@ -283,45 +117,6 @@ class TestCommands:
         assert session.send("QUIT\r\nNOOP\r\n") == ["221 2.0.0 Bye"]
         assert session.transport.disconnecting
 
-    def test_line_too_long_then_the_session_goes_on(self, server: Server) -> None:
-        session = server.connect()
-        longest = "NOOP " + "x" * (2048 - 7) + "\r\n"
-        assert session.send(longest) == ["250 2.0.0 Ok"]
-        assert session.send("NOOP " + "x" * 2043 + "\r\nNOOP\r\n") == [
-            "500 5.5.2 Error: line too long",
-            "250 2.0.0 Ok",
-        ]
-
-    def test_line_too_long_across_reads_is_not_kept(self, server: Server) -> None:
-        session = server.connect()
-        assert session.send("MAIL FROM:<" + "a" * 5000) == []
-        for _ in range(10):
-            assert session.send("b" * 5000) == []
-        assert len(session.protocol._input) <= 1
-        # The CRLF split over two reads still ends the line.
-        assert session.send("c\r") == []
-        assert session.send("\nNOOP\r\n") == [
-            "500 5.5.2 Error: line too long",
-            "250 2.0.0 Ok",
-        ]
-
-    @pytest.mark.parametrize("bad", [b"NOOP\nNOOP\r\n", b"NOOP\rNOOP\r\n"])
-    def test_bare_newline_in_a_command(self, server: Server, bad: bytes) -> None:
-        session = server.connect()
-        # Neither a bare LF nor a bare CR ends the line: one line, one error.
-        assert session.send(bad[:5]) == []
-        assert codes(session.send(bad[5:])) == ["500 5.5.2"]
-
-    def test_idle_timeout(self, server: Server) -> None:
-        session = server.connect()
-        server.clock.advance(59)
-        session.send("NOOP\r\n")
-        server.clock.advance(59)
-        assert session.take() == []
-        server.clock.advance(1)
-        assert session.take() == ["421 4.4.2 relay.test Error: timeout exceeded"]
-        assert session.transport.disconnecting
-
 
 class TestTransaction:
     def test_relay_refusal_is_answered_and_logged(
@@ -349,23 +144,6 @@ class TestTransaction:
     def test_outbound_listener_relays_for_its_networks(self, server: Server) -> None:
         session = server.connect("internal", peer="192.0.2.7")
         session.start_transaction("x@far.example")
-
-    def test_too_many_recipients(self, server: Server) -> None:
-        session = server.connect()
-        session.start_transaction("a@example.com", "b@example.com", "c@example.com")
-        assert session.send("RCPT TO:<d@example.com>\r\n") == [
-            "452 4.5.3 Error: too many recipients"
-        ]
-
-    def test_oversize_declared_size(self, server: Server) -> None:
-        session = server.connect()
-        session.hello()
-        assert session.send(f"MAIL FROM:<a@b.example> SIZE={LIMIT + 1}\r\n") == [
-            "552 5.3.4 Message size exceeds fixed limit"
-        ]
-        assert codes(session.send(f"MAIL FROM:<a@b.example> SIZE={LIMIT}\r\n")) == [
-            "250 2.1.0"
-        ]
 
     def test_parameters(self, server: Server) -> None:
         session = server.connect()
@@ -594,30 +372,6 @@ class TestPipelining:
 
 
 class TestStartTLS:
-    def test_pipelined_commands_after_starttls_are_discarded(
-        self, server: Server
-    ) -> None:
-        session = server.connect()
-        replies = session.send(
-            "EHLO client.example\r\nSTARTTLS\r\n"
-            "MAIL FROM:<a@b.example>\r\nRCPT TO:<a@example.com>\r\n"
-        )
-        assert replies[-1] == "220 2.0.0 Ready to start TLS"
-        assert codes(replies) == ["250 STARTTLS", "220 2.0.0"]
-        assert session.transport.tls_creator is server.creator
-
-        session.protocol.handshakeCompleted()
-        assert session.protocol.tls == TLSFacts(
-            "TLSv1.3", "TLS_AES_128_GCM_SHA256", 128
-        )
-        # All was forgotten, HELO included (RFC 3207 4.2).
-        assert session.send("MAIL FROM:<a@b.example>\r\n") == [
-            "503 5.5.1 Error: send HELO/EHLO first"
-        ]
-        ehlo = session.send("EHLO client.example\r\n")
-        assert ehlo[-1] == "250 ENHANCEDSTATUSCODES"
-        assert session.send("STARTTLS\r\n") == ["503 5.5.1 Error: TLS already active"]
-
     def test_starttls_with_arguments(self, server: Server) -> None:
         session = server.connect()
         session.hello()
@@ -718,117 +472,6 @@ class TestData:
         assert b"for <" not in message
         assert body_of(message) == b""
 
-    def test_long_lines_never_end_data(self, server: Server) -> None:
-        session = server.connect()
-        session.start_data()
-        # A 16 KiB+ line, then a dot that is not at a line start, then what
-        # would be commands were we out of DATA mode.
-        body = (
-            b"A" * 17000
-            + b"\r\n"
-            + b"B" * 16384
-            + b".\r\nRSET\r\nMAIL FROM:<evil@x.example>\r\n"
-            + b"after\r\n"
-        )
-        replies = session.send(body + b".\r\n")
-        assert len(replies) == 1
-        assert body_of(server.message(queued_id(replies[0]))) == body
-
-    def test_a_line_without_crlf_is_not_buffered(self, server: Server) -> None:
-        session = server.connect()
-        session.start_data()
-        assert session.send(b"C" * 20480) == []
-        assert len(session.protocol._input) == 0
-        assert session.send(b".\r\nQUIT\r\n") == []
-        assert session.send(b"C" * 100 + b"\r\nend\r\n") == []
-        replies = session.send(b".\r\n")
-        body = b"C" * 20480 + b".\r\nQUIT\r\n" + b"C" * 100 + b"\r\nend\r\n"
-        assert body_of(server.message(queued_id(replies[0]))) == body
-
-    def test_a_line_over_a_megabyte(self, server: Server) -> None:
-        session = server.connect()
-        session.start_data()
-        line = b"D" * (1024 * 1024 + 10)
-        for start in range(0, len(line), 65536):
-            assert session.send(line[start : start + 65536]) == []
-        replies = session.send(b"\r\n.\r\n")
-        assert body_of(server.message(queued_id(replies[0]))) == line + b"\r\n"
-
-    @pytest.mark.parametrize(
-        "body",
-        [
-            b"one\ntwo\r\n",
-            b"one\rtwo\r\n",
-            b"one\r\r\n",
-            b".\n",
-            b".\r.\r\n",
-            b"\n.\n",
-            b"last\n",
-        ],
-    )
-    def test_bare_cr_or_lf_fails_the_message(
-        self, server: Server, events: list[dict[str, Any]], body: bytes
-    ) -> None:
-        session = server.connect()
-        session.start_data()
-        # A bare LF or CR never ends a line, so the end needs a CRLF first.
-        replies = session.send(body + b"\r\n.\r\nNOOP\r\n")
-        text = "550 5.6.0 Message contains bare CR or LF; lines must end in CRLF"
-        assert replies == [text, "250 2.0.0 Ok"]
-        assert server.is_empty()
-        assert not server.queued
-        assert f"reject: END-OF-MESSAGE from unknown[192.0.2.1]: {text}" in lines_of(
-            events
-        )
-
-    def test_a_message_with_too_many_hops_is_refused(
-        self, server: Server
-    ) -> None:
-        """51 Received headers over the limit of 50: a loop, RFC 5321 6.3."""
-        session = server.connect()
-        session.start_data()
-        head = b"Received: from a by b; Thu, 3 Dec 2026 00:00:00 +0000\r\n" * 51
-        replies = session.send(head + b"Subject: loop\r\n\r\nbody\r\n.\r\n")
-        assert codes(replies) == ["554 5.4.6"]
-        assert server.is_empty()
-
-    def test_received_lines_in_the_body_are_not_hops(self, server: Server) -> None:
-        session = server.connect()
-        session.start_data()
-        body = b"Received: quoted in the body\r\n" * 60
-        replies = session.send(b"Subject: x\r\n\r\n" + body + b".\r\n")
-        assert codes(replies) == ["250 2.0.0"]
-
-    def test_a_bare_lf_dot_does_not_end_data(self, server: Server) -> None:
-        session = server.connect()
-        session.start_data()
-        assert session.send(b"x\r\n.\nQUIT\r\n") == []
-        assert codes(session.send(b".\r\n")) == ["550 5.6.0"]
-
-    def test_oversize_body_is_read_to_its_end(self, server: Server) -> None:
-        session = server.connect()
-        session.start_data()
-        line = b"E" * 998 + b"\r\n"
-        for _ in range(LIMIT // len(line) + 2):
-            assert session.send(line) == []
-        # Past the limit, nothing more is written.
-        (partial,) = server.spool.tmp.iterdir()
-        assert partial.stat().st_size <= LIMIT + 1000
-        replies = session.send(b".\r\nNOOP\r\n")
-        assert replies == ["552 5.3.4 Message size exceeds fixed limit", "250 2.0.0 Ok"]
-        assert server.is_empty()
-
-    def test_client_gone_mid_data(
-        self, server: Server, events: list[dict[str, Any]]
-    ) -> None:
-        session = server.connect()
-        session.start_data()
-        session.send(b"Subject: half\r\n\r\nand then")
-        session.protocol.connectionLost(Failure(ConnectionError("gone")))
-        assert server.is_empty()
-        assert not any(event.get("log_failure") for event in events)
-        assert not any(event.get("log_level").name == "error" for event in events)
-
     @pytest.mark.parametrize(
         # What is stored before a failure is found does not matter: the
         # writer is aborted.
@@ -885,59 +528,6 @@ def test_received_header_plaintext_several_recipients() -> None:
 
 
 # --- on loopback, with real TLS ---------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> certs.CertFiles:
-    leaf = certs.issue_server_cert(HOSTNAME)  # ECDSA
-    return certs.write_cert_files(leaf, tmp_path_factory.mktemp("tls"))
-
-
-class Listening:
-    """A `RelayServerFactory` on 127.0.0.1, port chosen by the system."""
-
-    def __init__(self, folder: Path, files: certs.CertFiles) -> None:
-        from twisted.internet import reactor
-
-        self.config = write_config(folder, files)
-        self.spool = Spool(folder / "spool")
-        self.spool.create()
-        creator = ServerCreator(server_context(self.config.tls))
-        self.queued: list[Envelope] = []
-        factory = RelayServerFactory(
-            "mx",
-            lambda: self.config,
-            self.spool,
-            lambda: creator,
-            self.queued.append,
-        )
-        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.address = ("127.0.0.1", self.port.getHost().port)
-
-    def client(self) -> smtplib.SMTP:
-        return smtplib.SMTP(*self.address, local_hostname="client.example", timeout=10)
-
-
-@pytest.fixture
-def listening(tmp_path: Path, tls_files: certs.CertFiles) -> Iterator[Listening]:
-    server = Listening(tmp_path, tls_files)
-    yield server
-    pytest_twisted.blockon(server.port.stopListening())
-
-
-def in_thread(function: Callable[[], Any]) -> defer.Deferred[Any]:
-    return threads.deferToThread(function)
-
-
-def client_context(
-    maximum: ssl.TLSVersion | None = None, ciphers: str | None = None
-) -> ssl.SSLContext:
-    context = certs.permissive_client_context(
-        minimum=ssl.TLSVersion.TLSv1_2, maximum=maximum
-    )
-    if ciphers is not None:
-        context.set_ciphers(ciphers)
-    return context
 
 
 def send_over_tls(
@@ -1007,15 +597,6 @@ def test_tls10_11_client_is_refused(listening: Listening) -> Any:
     assert not listening.spool.queue_ids()
 
 
-def raw_exchange(address: tuple[str, int], data: bytes) -> list[str]:
-    """Send ``data`` in one packet; every reply line until the server closes."""
-    with socket.create_connection(address, timeout=10) as sock:
-        reader = sock.makefile("rb")
-        reader.readline()  # greeting
-        sock.sendall(data)
-        return [line.decode().rstrip("\r\n") for line in reader]
-
-
 @pytest_twisted.inlineCallbacks
 def test_pipelined_replies_in_order_on_a_socket(listening: Listening) -> Any:
     replies = yield in_thread(
@@ -1031,27 +612,3 @@ def test_pipelined_replies_in_order_on_a_socket(listening: Listening) -> Any:
     ]
     assert listening.spool.queue_ids() == [queued_id(replies[-2])]
 
-
-@pytest_twisted.inlineCallbacks
-def test_commands_pipelined_after_starttls_never_run(listening: Listening) -> Any:
-    def exchange() -> list[str]:
-        with socket.create_connection(listening.address, timeout=10) as sock:
-            reader = sock.makefile("rb")
-            reader.readline()
-            sock.sendall(
-                b"EHLO client.example\r\nSTARTTLS\r\n"
-                b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<a@example.com>\r\n"
-            )
-            while not reader.readline().startswith(b"220 "):
-                pass
-            context = client_context()
-            with context.wrap_socket(sock, server_hostname=HOSTNAME) as tls:
-                tls.sendall(b"NOOP\r\nMAIL FROM:<a@b.example>\r\nQUIT\r\n")
-                return [line.decode().rstrip() for line in tls.makefile("rb")]
-
-    replies = yield in_thread(exchange)
-    assert replies == [
-        "250 2.0.0 Ok",
-        "503 5.5.1 Error: send HELO/EHLO first",
-        "221 2.0.0 Bye",
-    ]

@@ -26,17 +26,12 @@ from mta.spool import MessageWriter
 from tests.peers import smtppeer
 from tests.peers.certs import CertFiles
 from tests.relay import RelayProcess, base_config
-from tests.test_smtpserver import Server, codes, queued_id
+from tests.serverharness import Server, codes, queued_id
 
 SHUTTING_DOWN = ("421 4.3.2 relay.test Service shutting down, closing "
                  "transmission channel")
 BODY = "Subject: stop\r\n\r\nfirst half\r\n"
 END = "second half\r\n.\r\n"
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Server:
-    return Server(tmp_path)
 
 
 def fired(deferred: defer.Deferred[None]) -> bool:
