@@ -275,7 +275,9 @@ def test_a_downgrade_never_gets_mail_in_clear_under_enforcement(
     relay = world.start([rule_for(level) for level in (*ENFORCED, "opportunistic")])
 
     # The stripping peer first takes mail over TLS, as a server that offers
-    # STARTTLS does; then STARTTLS vanishes from its EHLO reply.
+    # STARTTLS does; then STARTTLS vanishes from its EHLO reply, and the
+    # connection the relay kept is refused at RSET, so that every later
+    # message meets the new EHLO reply.
     stripped = peers["stripped"]
     for level in ENFORCED:
         domain = domain_for("stripped", level)
@@ -284,6 +286,7 @@ def test_a_downgrade_never_gets_mail_in_clear_under_enforcement(
     before = stripped.wait_for(2, timeout=20)
     assert all(message.tls is not None for message in before)
     stripped.ehlo_rewrite = without_starttls
+    stripped.replies.rset = smtppeer.DISCONNECT
 
     cases = {(kind, level): world.send(domain_for(kind, level))
              for kind in DOWNGRADES for level in ENFORCED}
