@@ -30,11 +30,14 @@ from mta.reply import Reply
 @dataclass(frozen=True, slots=True)
 class Target:
     """The host to connect to: ``name`` for SNI and logs (the address
-    itself for a literal), ``address`` the IP connected to."""
+    itself for a literal), ``address`` the IP connected to;
+    ``preference`` that of its MX record (0 for the implicit MX), None for
+    a configured host.  It is no part of the host's identity."""
 
     name: str
     address: str
     port: int
+    preference: int | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.name}[{self.address}]"

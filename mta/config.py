@@ -36,6 +36,7 @@ from mta.configvalues import (
     parse_size,
     parse_timeout,
 )
+from mta.ownendpoints import Endpoint, endpoint_for, is_loopback
 
 LEVELS = ("none", "opportunistic", "enforce-tls", "enforce-secure")
 ROLES = ("inbound", "outbound")
@@ -214,9 +215,17 @@ class Config:
     log_transcript: bool = False  # SMTP transcripts of deliveries, at debug
     notices: Notices = Notices()
     metrics: MetricsEndpoint | None = None  # None: no Prometheus endpoint
+    # Where clients reach the relay through NAT or a proxy (Postfix's
+    # proxy_interfaces): mail to these is mail to ourselves.
+    proxy_addresses: tuple[Endpoint, ...] = ()
 
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower().rstrip(".") in self.domains
+
+    @property
+    def own_endpoints(self) -> tuple[Endpoint, ...]:
+        """Every address and port that reaches this relay (mta.ownendpoints)."""
+        return _own_endpoints(self.listeners, self.proxy_addresses)
 
 
 def default_config_path() -> Path:
@@ -261,7 +270,7 @@ def load_config(path: str | os.PathLike[str], check_tls: bool = True) -> Config:
 _TOP_KEYS = (
     "hostname", "spool", "tls", "listeners", "limits", "domains", "routes",
     "dns", "delivery", "defaults", "policies", "log_transcript", "notices",
-    "metrics",
+    "metrics", "proxy_addresses",
 )
 
 
@@ -290,6 +299,8 @@ def _parse(reader: Reader, raw: Any) -> Config | None:
     policies = _parse_policies(reader, top.get("policies"))
     notices = _parse_notices(reader, top.get("notices"))
     metrics = _parse_metrics(reader, top.get("metrics"), listeners)
+    proxies = _parse_proxy_addresses(reader, top, listeners)
+    _check_no_loop(reader, domains, routes, _own_endpoints(listeners, proxies))
 
     if reader.problems:
         return None
@@ -312,6 +323,7 @@ def _parse(reader: Reader, raw: Any) -> Config | None:
         ),
         notices=notices,
         metrics=metrics,
+        proxy_addresses=proxies,
     )
 
 
@@ -440,6 +452,68 @@ def _parse_metrics(
             reader.problem(f"{key}.port", f"{address}:{port} is already used "
                            f"by listener {listener.name}", port)
     return MetricsEndpoint(address=address, port=port)
+
+
+def _own_endpoints(
+    listeners: Iterable[Listener], proxies: tuple[Endpoint, ...]
+) -> tuple[Endpoint, ...]:
+    bound = tuple(Endpoint(listener.address, listener.port,
+                           f"listener {listener.name}")
+                  for listener in listeners)
+    return bound + proxies
+
+
+def _parse_proxy_addresses(
+    reader: Reader, top: dict[str, Any], listeners: tuple[Listener, ...]
+) -> tuple[Endpoint, ...]:
+    """``ADDRESS`` (on every listener's port) or ``ADDRESS:PORT``."""
+    ports = sorted({listener.port for listener in listeners})
+
+    def parse(value: Any) -> tuple[str, int | None]:
+        text = str(value).strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        try:
+            address, port = parse_ip(text), None
+        except ValueError:
+            hostport = parse_hostport(value)
+            if not hostport.is_literal:
+                raise ValueError("expected an IP address, ADDRESS:PORT or "
+                                 "[IPv6]:PORT") from None
+            address, port = hostport.host, hostport.port
+        if ipaddress.ip_address(address).is_unspecified:
+            raise ValueError("expected the address clients reach the relay "
+                             "at, not a wildcard")
+        return address, port
+
+    entries = reader.list_of(top, "", "proxy_addresses", parse)
+    return tuple(Endpoint(address, port, "proxy_addresses")
+                 for address, given in entries
+                 for port in ([given] if given is not None else ports))
+
+
+def _check_no_loop(
+    reader: Reader,
+    domains: Mapping[str, Domain],
+    routes: Mapping[str, HostPort],
+    endpoints: tuple[Endpoint, ...],
+) -> None:
+    """A ``relay_to`` or ``routes`` server that is the relay itself would
+    send every message round in circles.  Only addresses are checked here
+    (loopback counts as this machine for a listener on 0.0.0.0 or ::);
+    a name, or another address of this machine, is caught at delivery
+    (mta.ownendpoints, 5.4.6)."""
+    servers = [(f"domains.{name}.relay_to", host)
+               for name, domain in domains.items() for host in domain.relay_to]
+    servers += [(f"routes.{name}", host) for name, host in routes.items()]
+    for key, host in servers:
+        if not host.is_literal:
+            continue
+        own = endpoint_for(host.host, host.port, endpoints, is_loopback)
+        if own is not None:
+            reader.problem(key, f"is this relay's own {own}: its mail would "
+                           "come straight back; name the server that should "
+                           "take it", str(host))
 
 
 def _addresses_overlap(one: str, other: str) -> bool:

@@ -1,7 +1,8 @@
-"""Delivering one message's recipients: group them, find the servers, try
-them in order under the group's policy, and say what became of each
-recipient.  The rules it applies live in `mta.outcomes`; this module only
-gathers facts (DNS, SMTP sessions) and acts on those rules.
+"""Delivering one message's recipients: group them, find the servers, drop
+those that are the relay itself (`mta.ownendpoints`), try the rest in order
+under the group's policy, and say what became of each recipient.  The rules
+it applies live in `mta.outcomes`; this module only gathers facts (DNS,
+SMTP sessions) and acts on those rules.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ from mta.destinations import (
 from mta.envelope import Attempt, Envelope
 from mta.nexthop import NextHop, domain_of, next_hop
 from mta.outcomes import FALLBACK_LATER, FALLBACK_NOW, plan_fallback, status_of
+from mta.ownendpoints import (
+    IsLocal,
+    bound_locally,
+    endpoint_for,
+    loop_reason,
+    without_ourselves,
+)
 from mta.policy import PolicyChoice, choose_policy
 from mta.resolver import LookupFailed
 from mta.tlsverdict import (
@@ -104,6 +112,7 @@ class Deliverer:
     session: Session
     clock: Callable[[], float] = time.time
     destinations: Destinations = field(default_factory=Destinations)
+    is_local: IsLocal = bound_locally  # is an address this machine's?
 
     def admit(self, group: Group) -> Admission:
         """A turn of the group's destination: GO (then `deliver` with it),
@@ -147,6 +156,11 @@ class Deliverer:
                        if reply.is_temporary else Outcome(NEUTRAL))
             return self._everyone(group, attempt), outcome
 
+        check = without_ourselves(targets, self.config.own_endpoints,
+                                  self.is_local)
+        if check.ourselves and not check.left:
+            return self._loops_back(group, check.ourselves[0]), Outcome(NEUTRAL)
+
         transaction = Transaction(
             sender=envelope.sender,
             recipients=group.recipients,
@@ -155,8 +169,8 @@ class Deliverer:
             body_8bit=envelope.body == "8BITMIME",
         )
         sessions: list[SessionResult] = []
-        result = await self._try_hosts(envelope, group, targets, transaction,
-                                       sessions)
+        result = await self._try_hosts(envelope, group, list(check.left),
+                                       transaction, sessions)
         return result, session_outcome(sessions)
 
     async def _try_hosts(
@@ -275,6 +289,15 @@ class Deliverer:
             fallback=fallback,
             connected=result is not None and _connected(result),
         )
+
+    def _loops_back(self, group: Group, us: Target) -> GroupResult:
+        """Every recipient bounces, without a connection: the servers left
+        are this relay, and the mail would only come round again."""
+        own = endpoint_for(us.address, us.port, self.config.own_endpoints,
+                           self.is_local)
+        reason = loop_reason(group.domain, us, own)
+        return self._everyone(group, self._attempt(
+            group, outcomes.BOUNCED, "5.4.6", reason))
 
     def _not_tried(self, group: Group, admission: Admission) -> GroupResult:
         return self._everyone(group, self._attempt(

@@ -188,7 +188,7 @@ def _split_path(text: str) -> tuple[Mailbox, str] | None:
     if rest is None:
         return None
     local, domain = match.group("local"), match.group("domain")
-    if not _within_limits(local, domain) or not _valid_literal(domain):
+    if not _within_limits(local, domain) or not _valid_domain(domain):
         return None
     return Mailbox(_unquoted(local), _canonical_domain(domain)), rest
 
@@ -220,18 +220,27 @@ def _within_limits(local: str, domain: str) -> bool:
     )
 
 
-def _valid_literal(domain: str) -> bool:
+def _valid_domain(domain: str) -> bool:
+    """A name whose last label is not all digits, or a valid literal.
+
+    ``u@192.0.2.1`` matches the RFC 5321 Domain grammar, but no top-level
+    domain is numeric (RFC 1123 2.1, RFC 3696 2): it is an address written
+    without its brackets, refused as Postfix refuses it (its
+    ``resolve_numeric_domain = no``) rather than looked up as a name."""
+    if domain.startswith("["):
+        return _valid_literal(domain[1:-1])
+    return not domain.rpartition(".")[2].isdigit()
+
+
+def _valid_literal(inner: str) -> bool:
     """RFC 5321 4.1.3: ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``.  The
     general form (a registered tag) has no registered tags, so it is
-    refused."""
-    if not domain.startswith("["):
-        return True
-    inner = domain[1:-1]
+    refused; so is an IPv6 zone (``fe80::1%eth0``), which the grammar does
+    not have and which would name one of our own interfaces."""
     try:
         if inner[:5].upper() == "IPV6:":
-            ipaddress.IPv6Address(inner[5:])
-        else:
-            ipaddress.IPv4Address(inner)
+            return "%" not in inner and bool(ipaddress.IPv6Address(inner[5:]))
+        ipaddress.IPv4Address(inner)
     except ValueError:
         return False
     return True

@@ -61,16 +61,20 @@ def targets_for(resolver: dns.resolver.Resolver, next_hop: NextHop) -> list[Targ
     if next_hop.kind == MX:
         hosts = _mx_hosts(resolver, next_hop.hosts[0])
     else:
-        hosts = list(next_hop.hosts)
+        hosts = [(host, None) for host in next_hop.hosts]
     return _addresses(resolver, hosts)
 
 
-def _mx_hosts(resolver: dns.resolver.Resolver, domain: HostPort) -> list[HostPort]:
+def _mx_hosts(
+    resolver: dns.resolver.Resolver, domain: HostPort
+) -> list[tuple[HostPort, int | None]]:
+    """The MX hosts, best first, each with its preference (which
+    `mta.ownendpoints` needs to drop our own and those behind it)."""
     name = domain.host
     try:
         answer = resolver.resolve(name, "MX")
     except dns.resolver.NoAnswer:
-        return [domain]  # RFC 5321 5.1: the implicit MX
+        return [(domain, 0)]  # RFC 5321 5.1: the implicit MX, preference 0
     except dns.resolver.NXDOMAIN:
         raise LookupFailed(_not_found(name, "MX")) from None
     except dns.exception.DNSException as error:
@@ -85,25 +89,26 @@ def _mx_hosts(resolver: dns.resolver.Resolver, domain: HostPort) -> list[HostPor
         ))
     random.shuffle(records)
     records.sort(key=lambda record: record[0])  # stable: ties stay shuffled
-    return [HostPort(exchange.lower(), domain.port, False)
-            for _, exchange in records]
+    return [(HostPort(exchange.lower(), domain.port, False), preference)
+            for preference, exchange in records]
 
 
 def _addresses(
-    resolver: dns.resolver.Resolver, hosts: Iterable[HostPort]
+    resolver: dns.resolver.Resolver,
+    hosts: Iterable[tuple[HostPort, int | None]],
 ) -> list[Target]:
     targets: list[Target] = []
     problems: list[Reply] = []
-    for host in hosts:
+    for host, preference in hosts:
         if host.is_literal:
-            targets.append(Target(host.host, host.host, host.port))
+            targets.append(Target(host.host, host.host, host.port, preference))
             continue
         try:
             addresses = _lookup_addresses(resolver, host.host)
         except LookupFailed as error:
             problems.append(error.reply)
             continue
-        targets.extend(Target(host.host, address, host.port)
+        targets.extend(Target(host.host, address, host.port, preference)
                        for address in addresses)
     if targets:
         return targets

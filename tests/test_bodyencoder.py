@@ -83,20 +83,41 @@ def test_lf_after_split_crlf_is_eaten_once() -> None:
     assert wire + encoder.finish() == b"a\r\n\r\n.\r\n"
 
 
-def test_dots_at_chunk_boundaries() -> None:
-    """The stock client's fault: a "." line at the start of a 16 KiB chunk."""
-    line = b"x" * 62 + b"\r\n"
-    body = bytearray(line * 1024)  # 65536 bytes: 16384 is a line start
-    assert len(body) > 32768 and 16384 % len(line) == 0
-    body[16384:16385] = b"."
-    body[32768:32769] = b"."
-    body = b"." + bytes(body)
+STOCK_CHUNK = 16384  # twisted.protocols.basic.FileSender.CHUNK_SIZE
 
-    cuts = list(range(0, len(body), 16384))
+
+def dots_at_chunk_starts(line_end: bytes, chunks: int) -> bytes:
+    """A body of ``chunks`` pieces of 16384 bytes, each beginning with a
+    lone "." line: at offset 0 (the first line) and at every offset where
+    Twisted's FileSender starts a chunk, and so at each 64 KiB too."""
+    dot = b"." + line_end
+    width = 64  # filler lines, line end included
+    room = STOCK_CHUNK - len(dot)
+    filler = (b"y" * (width - len(line_end)) + line_end) * (room // width)
+    rest = room % width
+    if rest:
+        filler += b"y" * (rest - len(line_end)) + line_end
+    body = (dot + filler) * chunks
+    for k in range(chunks):
+        start = k * STOCK_CHUNK
+        assert body[start:start + len(dot)] == dot
+        assert k == 0 or body[start - len(line_end):start] == line_end
+    return body
+
+
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n"], ids=["lf", "crlf"])
+def test_dots_at_chunk_boundaries(line_end: bytes) -> None:
+    """The stock client's fault (TWISTED-NOTES): a "." line that starts a
+    16 KiB chunk goes out unstuffed and ends the message early.  Here each
+    chunk the body is cut into starts with one, the first line too."""
+    body = dots_at_chunk_starts(line_end, 5)
+    cuts = list(range(0, len(body), STOCK_CHUNK))
+
     wire = encode_in_chunks(body, cuts)
+
+    assert unstuff(wire) == canonical(body)
     assert wire == encode_body(body)
-    assert unstuff(wire) == body
-    assert b"\r\n.\r\n" not in wire[:-5]
+    assert wire.count(b"\r\n.\r\n") == 1  # the terminator, at the end
 
 
 def test_crlf_body_round_trips() -> None:

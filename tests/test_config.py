@@ -616,6 +616,21 @@ BAD_VALUES = [
      ["policies[0].match[1]: expected a host name", "(got 'not a name')"]),
     (("policies", 0, "match"), [],
      ["policies[0].match: expected at least one host name", "(got [])"]),
+    # a server that is the relay itself (mta.ownendpoints)
+    (("domains", "example.com", "relay_to"), ["127.0.0.1:2525"],
+     ["domains.example.com.relay_to: is this relay's own 127.0.0.1:2525 "
+      "(listener mx): its mail would come straight back",
+      "(got '[127.0.0.1]:2525')"]),
+    (("routes",), {"*": "[127.0.0.1]:2525"},
+     ["routes.*: is this relay's own 127.0.0.1:2525 (listener mx)"]),
+    (("proxy_addresses",), ["relay.example.net"],
+     ["proxy_addresses[0]: expected an IP address, ADDRESS:PORT or "
+      "[IPv6]:PORT", "(got 'relay.example.net')"]),
+    (("proxy_addresses",), ["0.0.0.0"],
+     ["proxy_addresses[0]: expected the address clients reach the relay at, "
+      "not a wildcard", "(got '0.0.0.0')"]),
+    (("proxy_addresses",), "203.0.113.5:99999",
+     ["proxy_addresses[0]: expected a port number"]),
 ]
 
 
@@ -914,3 +929,61 @@ def test_a_binary_recipients_file_is_refused(folder: Path) -> None:
                                  "users.bin"))
     assert_reported(problems_of(path), path, "domains.example.com.recipients",
                     "is not a UTF-8 text file")
+
+
+# --- the relay's own addresses (mta.ownendpoints) ----------------------------
+
+
+def test_a_listener_on_every_address_counts_loopback_as_itself(
+    folder: Path,
+) -> None:
+    data = changed(("listeners", 0, "address"), "0.0.0.0")
+    data["domains"]["example.com"]["relay_to"] = ["[127.0.0.9]:2525"]
+    path = write(folder, data)
+    assert_reported(problems_of(path), path,
+                    "domains.example.com.relay_to: is this relay's own "
+                    "0.0.0.0:2525 (listener mx)", "(got '[127.0.0.9]:2525')")
+
+
+@pytest.mark.parametrize(
+    "relay_to", ["[127.0.0.1]:2526", "[127.0.0.2]:2525", "[192.0.2.9]:2525",
+                 "localhost:2525"],
+)
+def test_a_server_beside_the_relay_is_not_itself(
+    folder: Path, relay_to: str
+) -> None:
+    # Another port, another address, or a name (checked at delivery).
+    path = write(folder, changed(("domains", "example.com", "relay_to"),
+                                 [relay_to]))
+    assert load_config(path).domains["example.com"].relay_to
+
+
+def test_proxy_addresses_stand_for_every_listener_port_or_one(
+    folder: Path,
+) -> None:
+    data = base_config()
+    data["listeners"].append({"name": "submission", "address": "127.0.0.1",
+                              "port": 5870, "role": "outbound"})
+    data["proxy_addresses"] = ["203.0.113.5", "[2001:db8::5]:25",
+                               "2001:db8::6", "198.51.100.5:2525"]
+    config = load_config(write(folder, data))
+
+    assert [(e.address, e.port, e.owner) for e in config.own_endpoints] == [
+        ("127.0.0.1", 2525, "listener mx"),
+        ("127.0.0.1", 5870, "listener submission"),
+        ("203.0.113.5", 2525, "proxy_addresses"),
+        ("203.0.113.5", 5870, "proxy_addresses"),
+        ("2001:db8::5", 25, "proxy_addresses"),
+        ("2001:db8::6", 2525, "proxy_addresses"),
+        ("2001:db8::6", 5870, "proxy_addresses"),
+        ("198.51.100.5", 2525, "proxy_addresses"),
+    ]
+
+
+def test_a_relay_to_that_is_a_proxy_address_is_refused(folder: Path) -> None:
+    data = changed(("domains", "example.com", "relay_to"), ["203.0.113.5:25"])
+    data["proxy_addresses"] = ["203.0.113.5:25"]
+    path = write(folder, data)
+    assert_reported(problems_of(path), path,
+                    "domains.example.com.relay_to: is this relay's own "
+                    "203.0.113.5:25 (proxy_addresses)")

@@ -240,3 +240,54 @@ def test_a_missing_starttls_under_enforce_tls_says_so(tmp_path: Path) -> None:
     reply = result.attempts[RCPT].reply
     assert reply.startswith(
         "TLS required by the default policy (enforce-tls): "), reply
+
+
+# --- an MX host that is the relay itself (mta.ownendpoints) ---------------
+
+US = Target("relay.dest.test", "127.0.0.1", 2525, 20)  # listener mx
+
+
+def deliver_to(tmp_path: Path, targets: list[Target],
+               kinds: list[str]) -> tuple[GroupResult, list[tuple[str, bool]]]:
+    config = make_config(tmp_path, "opportunistic", "plaintext", "0s")
+    hosts = Scripted(kinds)
+    hosts.targets = targets
+    hosts.kinds = {t.address: kind for t, kind in zip(targets, kinds)}
+    deliverer = Deliverer(config, SSL.Context(SSL.TLS_METHOD), hosts.resolve,
+                          hosts.session, clock=lambda: NOW)
+    body = tmp_path / "body.msg"
+    body.write_bytes(b"Subject: x\r\n\r\nhi\r\n")
+    envelope = Envelope("Q1", "alice@org.test", NOW, 20,
+                        Client("c", "c", "127.0.0.1", "mx"),
+                        (Recipient(RCPT),))
+    [group] = group_recipients(config, [RCPT])
+    results: list[GroupResult] = []
+    Deferred.fromCoroutine(deliverer.deliver(envelope, group, body)
+                           ).addCallback(results.append)
+    return results[0], hosts.calls
+
+
+def test_the_best_mx_being_ourselves_bounces_without_a_session(
+    tmp_path: Path,
+) -> None:
+    worse = Target("mx3.dest.test", "127.0.0.3", 25, 30)
+    result, made = deliver_to(tmp_path, [US, worse], ["tls-ok", "tls-ok"])
+
+    attempt = result.attempts[RCPT]
+    assert made == []
+    assert (attempt.status, attempt.dsn) == ("bounced", "5.4.6")
+    assert attempt.relay is None and not attempt.connected
+    assert attempt.reply == (
+        "mail for dest.test loops back to myself: "
+        "relay.dest.test[127.0.0.1]:2525 is this relay (listener mx)")
+
+
+def test_only_mx_hosts_better_than_ourselves_are_tried(tmp_path: Path) -> None:
+    better = Target("mx1.dest.test", "127.0.0.9", 25, 10)
+    worse = Target("mx3.dest.test", "127.0.0.3", 25, 30)
+    result, made = deliver_to(tmp_path, [better, US, worse],
+                              ["refused", "tls-ok", "tls-ok"])
+
+    # RFC 5321 5.1: mx3 is behind us; mx1 failed, so the mail waits.
+    assert made == [("mx1.dest.test", True)]
+    assert result.attempts[RCPT].status == "deferred"

@@ -211,36 +211,8 @@ def test_a_route_host_written_as_a_name_is_a_reference_name(
     assert problems(expected, seen) == [], seen
 
 
-# --- a downgrade: STARTTLS advertised, then refused -------------------------
-
-def test_starttls_refused_defers_under_enforce_tls_falls_back_otherwise(
-    world: Loopback,
-) -> None:
-    address = f"{OTHER_NET}5"
-    peer = world.add_peer(smtppeer.starttls_454(address, world.mx_port))
-    enforced, opportunistic = "down.enforce-tls.test", "down.opportunistic.test"
-    for domain in (enforced, opportunistic):
-        world.mx(domain, (10, f"mx.{domain}", address))
-    world.start([rule_for("enforce-tls"), rule_for("opportunistic")])
-
-    cases = {domain: world.send(domain) for domain in (enforced, opportunistic)}
-
-    wait_until(lambda: all(world.observe(queue_id, domain).settled()
-                           for domain, queue_id in cases.items()), 15)
-    report = Report()
-    report.add("454 to STARTTLS / enforce-tls",
-               Expected(DEFERRED, "enforce-tls", "matrix-enforce-tls",
-                        f"mx.{enforced}"),
-               world.observe(cases[enforced], enforced))
-    report.add("454 to STARTTLS / opportunistic",
-               Expected(FALLBACK, "opportunistic", "matrix-opportunistic",
-                        f"mx.{opportunistic}"),
-               world.observe(cases[opportunistic], opportunistic))
-    assert_agrees(report)
-    fallback = world.observe(cases[opportunistic], opportunistic).last
-    assert fallback.get("fallback") == "starttls-refused", fallback
-    # The refusal was really met: STARTTLS was sent, and 454 answered.
-    assert any("STARTTLS" in c.commands for c in peer.connections)
+# --- a downgrade: STARTTLS refused, stripped or betrayed ---------------------
+# In test_hostile_servers.py, with the other hostile servers.
 
 
 # --- max_lifetime --------------------------------------------------------------

@@ -19,6 +19,7 @@ from mta.relaycontrol import (
     recipient_verdict,
 )
 from mta.reply import Reply
+from tests.relaytricks import ROUTE_TO_US, TRICKS, Trick
 
 CONFIG = """
 hostname: relay.test
@@ -138,6 +139,49 @@ class TestRecipientVerdict:
             "550 5.7.1 <u%o.test@example.com>: Relay access denied: "
             "sender-specified routing is not accepted"
         )
+
+
+def rcpt_outcome(config: Config, name: str, client: str, path: str) -> str | None:
+    """What a listener answers ``RCPT TO:path``: the parse, then the
+    verdict, as `mta.smtpserver` runs them."""
+    recipient = parse_rcpt(f"TO:{path}", postmaster_domain(config))
+    if isinstance(recipient, Reply):
+        return outcome(recipient)
+    return outcome(
+        recipient_verdict(config, listener(config, name), client, str(recipient))
+    )
+
+
+class TestRelayTricks:
+    """Every row of tests/relaytricks.py, on both kinds of listener."""
+
+    @pytest.mark.parametrize("trick", TRICKS, ids=lambda trick: trick.why)
+    def test_inbound_refuses(self, config: Config, trick: Trick) -> None:
+        path = trick.on("127.0.0.1")
+        assert rcpt_outcome(config, "mx", "203.0.113.9", path) == trick.inbound
+
+    @pytest.mark.parametrize("trick", TRICKS, ids=lambda trick: trick.why)
+    def test_outbound_refuses_strangers(self, config: Config, trick: Trick) -> None:
+        path = trick.on("127.0.0.1")
+        got = rcpt_outcome(config, "submission", "198.51.100.1", path)
+        assert got == trick.from_stranger
+
+    @pytest.mark.parametrize(
+        "trick",
+        [trick for trick in TRICKS if trick.inbound.startswith(("501", "555"))],
+        ids=lambda trick: trick.why,
+    )
+    def test_syntax_is_refused_for_trusted_clients_too(
+        self, config: Config, trick: Trick
+    ) -> None:
+        path = trick.on("127.0.0.1")
+        got = rcpt_outcome(config, "submission", "192.0.2.10", path)
+        assert got == trick.inbound
+
+    def test_a_route_that_ends_at_us_is_ours(self, config: Config) -> None:
+        # RFC 5321 appendix C: the route is dropped; the mailbox is ours.
+        assert parse_rcpt(f"TO:{ROUTE_TO_US}") == Mailbox("u", "example.com")
+        assert rcpt_outcome(config, "mx", "203.0.113.9", ROUTE_TO_US) is None
 
 
 class TestCanonicalAddress:

@@ -1,9 +1,11 @@
 """The delivery client against real servers on loopback, with real TLS.
 
 aiosmtpd peers (tests/peers/smtppeer.py) run in threads of their own;
-the raw servers for the silent host and the STARTTLS injection run on the
-test reactor.  Pure pieces (EHLO parsing, MAIL parameters, the result's
-per-recipient view) are tested in memory at the end.
+the scripted servers (tests/peers/scripted.py) for the silent host and
+HELO run on the test reactor.  Pure pieces (EHLO parsing, MAIL parameters,
+the result's per-recipient view) are tested in memory at the end.  What a
+hostile server may try (STARTTLS response injection, a downgrade, dots and
+bare line ends in the body) is in test_hostile_servers.py.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import hashlib
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,6 @@ import pytest
 import pytest_twisted
 from OpenSSL import SSL
 from twisted.internet import defer, protocol, reactor, task
-from twisted.protocols.basic import LineReceiver
 
 from mta.clientsession import (
     ClientSettings,
@@ -36,8 +37,9 @@ from mta.clientsession import (
 from mta.config import DEFAULT_CIPHERS, DEFAULT_CIPHERSUITES, Timeouts, TLSConfig
 from mta.reply import Reply
 from mta.smtpclient import deliver
-from mta.tlsctx import ServerCreator, client_context, server_context
-from tests.peers import certs, smtppeer
+from mta.tlsctx import client_context
+from tests.peers import certs, scripted, smtppeer
+from tests.peers.scripted import Script
 
 TIMEOUTS = Timeouts(connect=5.0, command=5.0, data=10.0)
 
@@ -138,36 +140,6 @@ def with_pipelining(lines: list[str]) -> list[str]:
 
 
 # Plaintext.
-
-
-@pytest_twisted.ensureDeferred
-async def test_plaintext_body_arrives_byte_for_byte(
-    tmp_path: Path, peers: list[smtppeer.Peer], context: SSL.Context
-) -> None:
-    """Dot lines at the first line and at 16384 and 32768 (where Twisted's
-    FileSender cut its chunks) arrive as they were, and nothing else."""
-    line = b"y" * 62 + b"\r\n"
-    data = bytearray(b".first line starts with a dot\r\n" + line * 1100)
-    for offset, dots in ((16384, b".\r\n"), (32768, b"..\r\n")):
-        start_of_line = data.rfind(b"\r\n", 0, offset) + 2
-        data[start_of_line:start_of_line] = b"y" * (offset - start_of_line)
-        data[offset:offset] = dots
-    data = bytes(data)
-    assert data[16384:16387] == b".\r\n" and data[32768:32772] == b"..\r\n"
-    path = tmp_path / "dots"
-    path.write_bytes(data)
-
-    peer = start(peers, smtppeer.plain())
-    result = await deliver(
-        reactor, target(peer.port), transaction(path), settings(context)
-    )
-
-    assert result.failure is None
-    assert not result.starttls_offered and result.tls is None
-    assert result.data_reply is not None and result.data_reply.code == 250
-    [message] = peer.messages
-    assert message.content == data
-    assert message.mail_options == (f"SIZE={len(data)}",)
 
 
 @pytest_twisted.ensureDeferred
@@ -564,107 +536,21 @@ async def test_check_tls_verdict_aborts_before_ehlo(
     assert peer.messages == []
 
 
-# Raw servers on the test reactor, for what aiosmtpd cannot be made to do.
-
-
-@dataclass
-class Script:
-    """Replies by verb, before TLS and inside it; a reply of several lines
-    goes out in one write.  STARTTLS starts TLS after its reply; the end of
-    data is answered with `end_of_data`, or never when it is None."""
-
-    plain: dict[str, bytes]
-    tls: dict[str, bytes] = field(default_factory=dict)
-    creator: ServerCreator | None = None
-    end_of_data: bytes | None = b"250 2.0.0 stored"
-    log: list[str] = field(default_factory=list)  # "plain: EHLO x", "tls: ..."
-    bodies: list[bytes] = field(default_factory=list)
-
-
-DEFAULT_REPLIES = {
-    "MAIL": b"250 ok",
-    "RCPT": b"250 ok",
-    "DATA": b"354 go on",
-    "QUIT": b"221 bye",
-}
-
-
-class ScriptedServer(LineReceiver):
-    def __init__(self, script: Script) -> None:
-        self.script = script
-        self.tls = False
-
-    def connectionMade(self) -> None:
-        self.sendLine(b"220 fake.test ESMTP")
-
-    def lineReceived(self, line: bytes) -> None:
-        command = line.decode()
-        self.script.log.append(("tls: " if self.tls else "plain: ") + command)
-        verb = command.split(" ")[0].upper()
-        table = self.script.tls if self.tls else self.script.plain
-        reply = table.get(verb, DEFAULT_REPLIES.get(verb, b"502 5.5.1 no"))
-        self.transport.write(reply + b"\r\n")
-
-        if verb == "STARTTLS" and reply.startswith(b"220"):
-            assert self.script.creator is not None
-            self.transport.startTLS(self.script.creator)
-            self.tls = True
-        elif verb == "DATA":
-            self.script.bodies.append(b"")
-            self.setRawMode()
-        elif verb == "QUIT":
-            self.transport.loseConnection()
-
-    def rawDataReceived(self, data: bytes) -> None:
-        self.script.bodies[-1] += data
-        if self.script.bodies[-1].endswith(b"\r\n.\r\n"):
-            self.setLineMode()
-            if self.script.end_of_data is not None:
-                self.sendLine(self.script.end_of_data)
+# Raw servers on the test reactor (tests/peers/scripted.py), for what
+# aiosmtpd cannot be made to do.  STARTTLS response injection is in
+# test_hostile_servers.py.
 
 
 async def run_script(
     script: Script, body: Path, settings: ClientSettings
 ) -> SessionResult:
-    factory = protocol.Factory.forProtocol(lambda: ScriptedServer(script))
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    port = scripted.listen(reactor, script)
     try:
         return await deliver(
             reactor, target(port.getHost().port), transaction(body), settings
         )
     finally:
         await port.stopListening()
-
-
-@pytest_twisted.ensureDeferred
-async def test_starttls_response_injection_is_dropped(
-    body: Path, tls_config: TLSConfig, context: SSL.Context
-) -> None:
-    script = Script(
-        plain={
-            # A SIZE limit the message exceeds: if the client kept these
-            # capabilities after STARTTLS, it would refuse to send.
-            "EHLO": b"250-fake.test\r\n250-SIZE 10\r\n250 STARTTLS",
-            "STARTTLS": b"220 go ahead\r\n250 fake",
-        },
-        tls={"EHLO": b"250-fake.test\r\n250 8BITMIME"},
-        creator=ServerCreator(server_context(tls_config)),
-    )
-    result = await run_script(script, body, settings(context))
-
-    assert result.failure is None, result.failure
-    assert result.tls is not None and result.starttls_offered
-    # The forged "250 fake" was not taken for the EHLO reply: EHLO went
-    # again inside TLS, and MAIL carries no SIZE, offered only in plaintext.
-    assert script.log[:6] == [
-        "plain: EHLO relay.test",
-        "plain: STARTTLS",
-        "tls: EHLO relay.test",
-        "tls: MAIL FROM:<sender@relay.test>",
-        "tls: RCPT TO:<rcpt@peer.test>",
-        "tls: DATA",
-    ]
-    assert script.bodies == [body.read_bytes() + b".\r\n"]
 
 
 @pytest_twisted.ensureDeferred

@@ -6,7 +6,8 @@ facts) and every message that reached the end of DATA.  Its replies can be
 chosen per address through `Replies`, and the factories at the bottom build
 the peers the relay's tests need: plain, TLS 1.3, TLS 1.2 only, TLS 1.0/1.1
 only, no shared cipher, client cipher order, STARTTLS refused with 454,
-STARTTLS advertised in lower case.
+STARTTLS answered 220 and then no handshake, STARTTLS advertised in lower
+case.
 
 What aiosmtpd does to what it receives, and so what is recorded:
 
@@ -105,6 +106,10 @@ class Replies:
     data_for: dict[str, str] = field(default_factory=dict)  # by recipient
     starttls: str | None = None  # e.g. "454 4.7.0 TLS not available"
     rset: str | None = None  # e.g. DISCONNECT: a kept connection gone stale
+    # What follows a scripted 220 to STARTTLS instead of a handshake:
+    # "close" (hang up at once), "drop" (read the ClientHello, then hang
+    # up) or "garbage" (answer it with plaintext, then hang up).
+    after_starttls: str | None = None
 
     def for_mail(self, address: str) -> str | None:
         return _lookup(self.mail, address)
@@ -381,10 +386,22 @@ class _PeerSMTP(SMTP):
             return
         await super().smtp_RSET(arg)
 
+    async def _betray(self, how: str | None) -> None:
+        """After a 220 to STARTTLS, anything but a TLS handshake."""
+        if how in ("drop", "garbage"):
+            await self._reader.read(5)  # a TLS record header, at least
+        if how == "garbage" and self.transport is not None:
+            self.transport.write(b"250 2.0.0 no TLS here, carry on\r\n")
+        if self.record is not None:
+            self.record.tls_error = f"STARTTLS betrayed: {how}"
+        self._close()
+
     async def smtp_STARTTLS(self, arg: str) -> None:
         reply = self.peer.replies.starttls
         if reply is not None and not arg:
             await self.push(reply)
+            if reply.startswith("220"):
+                await self._betray(self.peer.replies.after_starttls)
             return
 
         try:
@@ -644,6 +661,17 @@ def starttls_454(
     """Advertises STARTTLS, then refuses it with `reply`."""
     replies = settings.pop("replies", None) or Replies()
     replies.starttls = reply
+    return tls_peer(address, port, replies=replies, **settings)
+
+
+def starttls_betrayed(
+    address: str = "127.0.0.1", port: int = 0, *, then: str, **settings: Any
+) -> Peer:
+    """Advertises STARTTLS, answers 220, and then does ``then`` instead of
+    the handshake: "close", "drop" or "garbage" (see `Replies`)."""
+    replies = settings.pop("replies", None) or Replies()
+    replies.starttls = "220 2.0.0 Ready to start TLS"
+    replies.after_starttls = then
     return tls_peer(address, port, replies=replies, **settings)
 
 
