@@ -262,7 +262,8 @@ def deliver_to(tmp_path: Path, targets: list[Target],
                         (Recipient(RCPT),))
     [group] = group_recipients(config, [RCPT])
     results: list[GroupResult] = []
-    Deferred.fromCoroutine(deliverer.deliver(envelope, group, body)
+    Deferred.fromCoroutine(deliverer.deliver(envelope, group, body,
+                                             deliverer.admit(group))
                            ).addCallback(results.append)
     return results[0], hosts.calls
 

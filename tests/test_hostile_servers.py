@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from OpenSSL import SSL
-from twisted.internet import reactor
+from twisted.internet import protocol, reactor, task
 
 from mta.clientsession import ClientSettings, SessionResult, Target, Transaction
 from mta.config import DEFAULT_CIPHERS, DEFAULT_CIPHERSUITES, Timeouts, TLSConfig
@@ -358,3 +358,88 @@ def test_no_credentials_are_ever_sent(world: Loopback) -> None:
         ehlos = [c for c in connection.commands if c.startswith("EHLO")]
         assert len(offered) == len(ehlos) >= 1, connection.transcript
         assert not any(c.upper().startswith("AUTH") for c in connection.commands)
+
+
+# --- replies no server should send -------------------------------------------
+
+
+class Babbler(protocol.Protocol):
+    """A greeting that never ends: a continuation line after another, as
+    fast as the client takes them (a hostile tester's server grew the
+    relay's memory by 400 MB in 20 s with this)."""
+
+    def connectionMade(self) -> None:
+        self.sending = task.LoopingCall(self.transport.write, b"220-more\r\n" * 64)
+        self.sending.clock = reactor
+        self.sending.start(0.001)
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self.sending.running:
+            self.sending.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reply_without_end_is_cut_off(tmp_path: Path) -> None:
+    body = tmp_path / "body"
+    body.write_bytes(b"Subject: test\r\n\r\nHello.\r\n")
+    factory = protocol.Factory.forProtocol(Babbler)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        result = await deliver(
+            reactor, Target("mx.peer.test", "127.0.0.1", port.getHost().port),
+            Transaction(SENDER, (RECIPIENT,), body, body.stat().st_size, False),
+            settings())
+    finally:
+        await port.stopListening()
+
+    failure = result.failure
+    assert failure is not None and failure.stage == "greeting"
+    assert "a reply of over 100 lines" in failure.reason
+    assert failure.reply is None  # no server reply to bounce on
+
+
+ODD_REPLIES = [
+    # (verb, reply): none is a reply the client may act on, and none may
+    # bounce the mail on the server's word.
+    ("EHLO", b"999 weird"),
+    ("EHLO", b"250-fake.test\r\n550 no"),  # codes differ between lines
+    ("RCPT", b"354 go ahead"),  # "go ahead" to anything but DATA
+    ("RCPT", b"\r\n".join([b"450-busy"] * 2000 + [b"450 busy"])),
+    ("MAIL", b"25 short"),
+    ("RCPT", b"+50 plus"),
+]
+
+
+@pytest.mark.parametrize(("verb", "reply"), ODD_REPLIES,
+                         ids=[f"{v}-{r[:12]!r}" for v, r in ODD_REPLIES])
+@pytest_twisted.ensureDeferred
+async def test_a_malformed_reply_defers_and_never_bounces(
+    tmp_path: Path, verb: str, reply: bytes
+) -> None:
+    body = tmp_path / "body"
+    body.write_bytes(b"Subject: test\r\n\r\nHello.\r\n")
+    replies = {"EHLO": b"250-fake.test\r\n250 8BITMIME", verb: reply}
+    script = Script(plain=replies)
+
+    result = await run(script, body, settings())
+
+    assert result.failure is not None
+    assert result.failure.reason.startswith("malformed reply from mx.peer.test")
+    assert result.reply_for(RECIPIENT) is None  # deferred, with the reason
+    assert script.bodies == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_reply_is_kept_to_its_first_2000_characters(
+    tmp_path: Path,
+) -> None:
+    body = tmp_path / "body"
+    body.write_bytes(b"Subject: test\r\n\r\nHello.\r\n")
+    script = Script(plain={"EHLO": b"250-fake.test\r\n250 8BITMIME",
+                           "RCPT": b"550 5.1.1 " + b"no such user " * 1000})
+
+    result = await run(script, body, settings())
+
+    rcpt = result.rcpt_replies[RECIPIENT]
+    assert rcpt.code == 550 and rcpt.dsn == "5.1.1"
+    assert len(rcpt.text) <= 2010 and rcpt.text.endswith("[...]")

@@ -164,10 +164,10 @@ def test_the_notice_envelope_is_from_the_null_sender_to_the_sender() -> None:
     message = envelope(FAILED)
     [notice] = notices_due(message, ARRIVAL, OFF)
 
-    made = notice_envelope(notice, message, "0NEW", 2048, "relay.test",
+    made = notice_envelope(notice, message, "0BEEF", 2048, "relay.test",
                            ARRIVAL + 9)
 
-    assert made.sender == "" and made.queue_id == "0NEW" and made.size == 2048
+    assert made.sender == "" and made.queue_id == "0BEEF" and made.size == 2048
     assert [r.address for r in made.recipients] == ["alice@org.test"]
     assert made.client.listener == BOUNCE_LISTENER
     assert made.extra == {"notice": FAILURE, "about": "0ABC"}
@@ -176,7 +176,7 @@ def test_the_notice_envelope_is_from_the_null_sender_to_the_sender() -> None:
 
 def test_log_lines() -> None:
     [notice] = notices_due(envelope(FAILED), ARRIVAL, OFF)
-    assert notified_line("0ABC", notice, "0NEW") == (
+    assert notified_line("0ABC", notice, "0BEEF") == (
         "0ABC: sender non-delivery notification: 0NEW")
 
 
