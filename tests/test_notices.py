@@ -177,7 +177,7 @@ def test_the_notice_envelope_is_from_the_null_sender_to_the_sender() -> None:
 def test_log_lines() -> None:
     [notice] = notices_due(envelope(FAILED), ARRIVAL, OFF)
     assert notified_line("0ABC", notice, "0BEEF") == (
-        "0ABC: sender non-delivery notification: 0NEW")
+        "0ABC: sender non-delivery notification: 0BEEF")
 
 
 # --- the envelope: new fields, old spools ---------------------------------------
