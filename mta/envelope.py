@@ -43,6 +43,7 @@ class Client:
     address: str
     listener: str
     tls: TLSFacts | None = None
+    user: str | None = None  # who logged in with SMTP AUTH
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +233,7 @@ _RECIPIENT = {
     "notified": _is_bool,
 }
 _CLIENT = {"helo": _is_str, "host": _is_str, "address": _is_str,
-           "listener": _is_str, "tls": _TLS}
+           "listener": _is_str, "tls": _TLS, "user": _optional(_is_str)}
 _ENVELOPE = {
     "version": _is_int, "queue_id": _is_str, "sender": _is_str,
     "arrival": _is_number, "size": _is_int, "client": _mapping(_CLIENT, "client"),
@@ -248,6 +249,7 @@ _ENVELOPE = {
 _ADDED_LATER: dict[str, dict[str, Any]] = {
     "recipient": {"notified": False},
     "envelope": {"delay_notified": False},
+    "client": {"user": None},
 }
 
 

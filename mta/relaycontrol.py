@@ -11,7 +11,8 @@ The relay rules (SPEC.md section 6, "No open relay"):
   ``domains``; when that domain has a recipient list, only the listed
   addresses and postmaster@ (RFC 5321 4.5.1);
 - an ``outbound`` listener takes any recipient, but only from a client
-  address inside the listener's ``networks``.  A recipient in one of our own
+  that logged in with SMTP AUTH or whose address is inside the listener's
+  ``networks``.  A recipient in one of our own
   domains must still pass that domain's recipient list, as Postfix does
   with ``smtpd_reject_unlisted_recipient`` even for ``mynetworks``.
 
@@ -282,12 +283,20 @@ def _mail_parameters(
 
 
 def recipient_verdict(
-    config: Config, listener: Listener, client_address: str, recipient: str
+    config: Config,
+    listener: Listener,
+    client_address: str,
+    recipient: str,
+    authenticated: bool = False,
 ) -> Reply | None:
     """None when ``listener`` may take ``recipient`` (a syntactically valid
-    ``local@domain``) from a client at ``client_address``; otherwise the
-    reply that refuses it."""
-    if listener.role == "outbound" and not listener.allows_client(client_address):
+    ``local@domain``) from a client at ``client_address``, logged in with
+    AUTH or not; otherwise the reply that refuses it."""
+    if (
+        listener.role == "outbound"
+        and not authenticated
+        and not listener.allows_client(client_address)
+    ):
         return Reply(554, "5.7.1", f"<{recipient}>: Relay access denied")
 
     local, _, domain = recipient.rpartition("@")

@@ -15,7 +15,11 @@ rest, whose faults TWISTED-NOTES.md lists:
 - STARTTLS throws away whatever was pipelined after it and forgets the
   HELO and the transaction (RFC 3207 4.2, CVE-2011-0411);
 - one spool writer per transaction, fed as the bytes arrive, so memory stays
-  flat whatever the message size.
+  flat whatever the message size;
+- AUTH (RFC 4954) is offered only inside TLS, on an outbound listener with
+  a users file; its exchange is `mta.smtpauth.AuthSession`, which this
+  reader hands every response line while a 334 is outstanding.  On an
+  implicit-TLS listener (RFC 8314) the handshake comes before the greeting.
 
 Which recipients a listener takes, and the MAIL and RCPT syntax, are pure
 functions in `mta.relaycontrol`; the DATA stream is decoded by the pure
@@ -38,6 +42,8 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mta.authcheck import Verifier, make_portal
+from mta.authfailures import FailureTable
 from mta.config import Config, Listener
 from mta.datadecoder import DataDecoder
 from mta.envelope import Client, Envelope, Recipient, TLSFacts
@@ -83,6 +89,7 @@ from mta.serversession import (
     Settings,
     Transaction,
 )
+from mta.smtpauth import MAX_AUTH_LINE, AuthSession
 from mta.spool import MessageWriter, Spool
 from mta.tlsctx import ServerCreator
 
@@ -126,6 +133,7 @@ class RelayServer(smtp.ESMTP):
         self._processing = False
         self._closing = False
         self._stopping = False  # the relay stops: no new transaction
+        self._auth: AuthSession | None = None  # made with the connection
 
     # --- connection events -------------------------------------------
 
@@ -141,6 +149,9 @@ class RelayServer(smtp.ESMTP):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:  # a TCP connection
             no_delay(True)
+        self._auth = self._auth_session()
+        if self.settings.implicit_tls and not self._start_implicit_tls():
+            return
         # RFC 2034: no enhanced status code in the greeting.
         self.transport.write(b"220 " + self.greeting() + b"\r\n")
         self.setTimeout(self.idle_timeout)
@@ -188,6 +199,10 @@ class RelayServer(smtp.ESMTP):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
+        if self._auth is not None:
+            self._auth.cancel()
+        if self._tls_started and self.tls is None:
+            self._log_failed_handshake(reason)
         if self._message is not None:
             # The client gave up mid-DATA: nothing is spooled, and it is
             # theirs to send again, so this is no error of ours.
@@ -202,6 +217,18 @@ class RelayServer(smtp.ESMTP):
         if isinstance(self.factory, RelayServerFactory):
             self.factory.forget(self)
         super().connectionLost(reason)
+
+    def _log_failed_handshake(self, reason: Failure) -> None:
+        # Postfix logs "SSL_accept error" here: a client that cannot (or
+        # will not) speak TLS, common on an implicit-TLS port.
+        log_event(
+            "info",
+            f"TLS handshake failed with {self._client()} on listener "
+            f"{self.settings.listener.name}: {reason.getErrorMessage()}; "
+            "connection closed",
+            "tls_failed",
+            client=self._client(),
+        )
 
     # --- input -------------------------------------------------------
 
@@ -236,8 +263,9 @@ class RelayServer(smtp.ESMTP):
         long; None until a CRLF arrives.  A bare CR or LF never ends a line.
         An over-long line is dropped as it comes, so it costs no memory."""
         end = self._input.find(b"\r\n")
+        limit = self._line_limit()
         if end < 0:
-            if self._discarding or len(self._input) >= MAX_COMMAND_LINE:
+            if self._discarding or len(self._input) >= limit:
                 self._discarding = True
                 # A final CR may be the first half of the CRLF.
                 keep = 1 if self._input.endswith(b"\r") else 0
@@ -245,13 +273,25 @@ class RelayServer(smtp.ESMTP):
             return None
         line = bytes(self._input[:end])
         del self._input[: end + 2]
-        too_long = self._discarding or end + 2 > MAX_COMMAND_LINE
+        too_long = self._discarding or end + 2 > limit
         self._discarding = False
         return line, too_long
+
+    def _line_limit(self) -> int:
+        # RFC 4954 4: AUTH lines and SASL responses may be longer.
+        auth = self._auth
+        if auth is not None and auth.offered and (
+            auth.in_exchange or self._input[:5].upper() == b"AUTH "
+        ):
+            return MAX_AUTH_LINE
+        return MAX_COMMAND_LINE
 
     def _line_received(self, line: bytes, too_long: bool) -> None:
         if self._stopping:
             self._close_if_idle()
+            return
+        if self._auth is not None and self._auth.in_exchange:
+            self._auth.response(line, self._bad_line(line, too_long))
             return
         if too_long:
             self._reply(LINE_TOO_LONG)
@@ -270,6 +310,13 @@ class RelayServer(smtp.ESMTP):
             self._reply(UNKNOWN_COMMAND)
             return
         handler(argument)
+
+    def _bad_line(self, line: bytes, too_long: bool) -> Reply | None:
+        if too_long:
+            return LINE_TOO_LONG
+        if b"\r" in line or b"\n" in line:
+            return BARE_NEWLINE_IN_COMMAND
+        return None
 
     def _message_received(self) -> None:
         message = self._message
@@ -314,6 +361,10 @@ class RelayServer(smtp.ESMTP):
     def _client(self) -> str:
         return f"{UNKNOWN_HOST}[{self.client_address}]"
 
+    def _user(self) -> str | None:
+        """Who logged in with AUTH on this connection, if anyone."""
+        return self._auth.user if self._auth is not None else None
+
     # --- commands ----------------------------------------------------
 
     def smtp_EHLO(self, argument: str) -> None:
@@ -350,6 +401,9 @@ class RelayServer(smtp.ESMTP):
         ]
         if self._can_start_tls():
             lines.append("STARTTLS")
+        auth = self._auth.ehlo_keyword(self._tls_started) if self._auth else None
+        if auth is not None:
+            lines.append(auth)
         return lines
 
     def _can_start_tls(self) -> bool:
@@ -383,8 +437,81 @@ class RelayServer(smtp.ESMTP):
         self._helo_name = None
         self._esmtp = False
         self._transaction = None
+        if self._auth is not None:
+            self._auth.reset()
         self._tls_started = True
         self.transport.startTLS(self.settings.tls_creator)
+
+    def _start_implicit_tls(self) -> bool:
+        """RFC 8314 3.3: TLS from the first byte; the greeting and all else
+        go inside it.  False when it cannot be had: the client is told
+        nothing in the clear, and the connection closes."""
+        if not self._can_start_tls():
+            log_event(
+                "warn",
+                f"listener {self.settings.listener.name}: no TLS for "
+                f"{self._client()} on this implicit-TLS listener; connection "
+                "closed",
+                "tls_unavailable",
+                client=self._client(),
+            )
+            self._closing = True
+            self.transport.loseConnection()
+            return False
+        self._tls_started = True
+        self.transport.startTLS(self.settings.tls_creator)
+        return True
+
+    # --- AUTH (mta.smtpauth) -------------------------------------------
+
+    def _auth_session(self) -> AuthSession:
+        settings = self.settings
+        return AuthSession(
+            host=self,
+            portal=settings.portal,
+            failures=settings.auth_failures or FailureTable(settings.reactor),
+            limits=settings.config.limits,
+            clock=settings.reactor,
+            client=self._client(),
+            client_address=self.client_address,
+            listener=settings.listener.name,
+        )
+
+    def smtp_AUTH(self, argument: str) -> None:
+        assert self._auth is not None
+        self._auth.command(
+            argument,
+            tls=self._tls_started,
+            greeted=self._helo_name is not None,
+            in_transaction=self._transaction is not None,
+        )
+
+    def reply_auth(self, reply: Reply, logged: bool) -> None:
+        if logged:
+            self._answer("AUTH", reply)
+        else:
+            self._reply(reply)
+
+    def send_challenge(self, prompt: str) -> None:
+        # RFC 4954 4: "334" SP [base64]; the space stays when it is empty.
+        self.transport.write(b"334 " + prompt.encode("ascii") + b"\r\n")
+
+    def hold_input(self) -> None:
+        """A login is being checked: later commands wait (RFC 2920 3.1),
+        and the time is ours, not the client's idle time."""
+        self._waiting = True
+        self.setTimeout(None)
+        self.transport.pauseProducing()
+
+    def release_input(self) -> None:
+        self._resume(None)
+
+    def close_with(self, reply: Reply) -> None:
+        hostname = self.settings.config.hostname
+        self._answer("AUTH", replace(reply, text=f"{hostname} {reply.text}"))
+        self._closing = True
+        self._waiting = False
+        self.transport.loseConnection()
 
     def smtp_MAIL(self, argument: str) -> None:
         self._answer("MAIL", self._mail(argument))
@@ -423,7 +550,8 @@ class RelayServer(smtp.ESMTP):
         refusal = recipient_limit(
             settings.config.limits, len(transaction.recipients)
         ) or recipient_verdict(
-            settings.config, settings.listener, self.client_address, address
+            settings.config, settings.listener, self.client_address, address,
+            authenticated=self._user() is not None,
         )
         if refusal is not None:
             return refusal
@@ -463,6 +591,7 @@ class RelayServer(smtp.ESMTP):
             queue_id=writer.queue_id,
             esmtp=self._esmtp,
             tls=self.tls,
+            authenticated=self._user() is not None,
             recipients=transaction.recipients,
             when=self.settings.reactor.seconds(),
         )
@@ -535,6 +664,7 @@ class RelayServer(smtp.ESMTP):
             address=self.client_address,
             listener=self.settings.listener.name,
             tls=self.tls,
+            user=self._user(),
         )
         return Envelope(
             queue_id=message.writer.queue_id,
@@ -613,6 +743,9 @@ class RelayServerFactory(ServerFactory):
         get_tls_creator: Callable[[], ServerCreator],
         on_queued: Callable[[Envelope], None],
         reactor: Any = None,
+        verifier: Verifier | None = None,
+        auth_failures: FailureTable | None = None,
+        tls_mode: str | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -624,6 +757,14 @@ class RelayServerFactory(ServerFactory):
         self.get_tls_creator = get_tls_creator
         self.on_queued = on_queued
         self.reactor = reactor
+        # Shared by the listeners of one relay: one bound on the threads
+        # checking passwords, one memory of each client's failed logins.
+        self.verifier = verifier or Verifier(reactor)
+        self.auth_failures = auth_failures or FailureTable(reactor)
+        # The listener's TLS mode when it was bound: clients expect what
+        # the port did at start, so a reload does not change it (None:
+        # as the configuration says, per connection).
+        self.tls_mode = tls_mode
         self.commit: CommitMessage = self._commit_in_thread
         # Live connections, for a stop that lets them finish (mta.stopping).
         self.connections: set[RelayServer] = set()
@@ -658,6 +799,9 @@ class RelayServerFactory(ServerFactory):
                 on_queued=self.on_queued,
                 commit=self.commit,
                 reactor=self.reactor,
+                portal=self._portal(listener),
+                auth_failures=self.auth_failures,
+                implicit_tls=(self.tls_mode or listener.tls) == "implicit",
             )
         )
         protocol.factory = self
@@ -690,6 +834,11 @@ class RelayServerFactory(ServerFactory):
             drained, self._drained = self._drained, []
             for waiting in drained:
                 waiting.callback(None)
+
+    def _portal(self, listener: Listener) -> Any:
+        if listener.users is None or listener.role != "outbound":
+            return None
+        return make_portal(listener.users, self.verifier)
 
     def _tls_creator(self) -> ServerCreator | None:
         try:
