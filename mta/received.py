@@ -49,9 +49,10 @@ def received_header(
     """The header as bytes, each line ending in CRLF.  ``for <rcpt>`` is
     given only for a single recipient, so that a message to many does not
     tell each one who the others are."""
+    protocol = protocol_name(esmtp, tls, authenticated)
     clauses = [
         f"from {_printable(helo)} ({client_host} [{client_address}])",
-        f"by {hostname} (mta) with {protocol_name(esmtp, tls, authenticated)} id {queue_id}",
+        f"by {hostname} (mta) with {protocol} id {queue_id}",
     ]
     if tls is not None:
         clauses.append(f"(version={tls.protocol} cipher={tls.cipher})")

@@ -120,8 +120,12 @@ def _printable(text: str) -> str:
 # --- parsing MAIL and RCPT -------------------------------------------------
 
 
-def parse_mail(argument: str, limits: Limits) -> MailRequest | Reply:
-    """``FROM:<address> [parameters]`` -> the request, or the error reply."""
+def parse_mail(
+    argument: str, limits: Limits, auth_offered: bool = False
+) -> MailRequest | Reply:
+    """``FROM:<address> [parameters]`` -> the request, or the error reply.
+    ``auth_offered``: the AUTH extension was advertised, so its MAIL
+    parameter is taken."""
     path = _after_keyword(argument, "FROM:")
     if path is None:
         return MAIL_SYNTAX
@@ -132,7 +136,7 @@ def parse_mail(argument: str, limits: Limits) -> MailRequest | Reply:
         if isinstance(parsed, Reply):
             return parsed
         sender, rest = parsed
-    return _mail_parameters(sender, rest, limits)
+    return _mail_parameters(sender, rest, limits, auth_offered)
 
 
 def parse_rcpt(argument: str, postmaster_domain: str | None = None) -> Mailbox | Reply:
@@ -253,7 +257,7 @@ def _parameters(text: str) -> list[tuple[str, str | None]]:
 
 
 def _mail_parameters(
-    sender: Mailbox | None, text: str, limits: Limits
+    sender: Mailbox | None, text: str, limits: Limits, auth_offered: bool
 ) -> MailRequest | Reply:
     size: int | None = None
     body = "7BIT"
@@ -274,6 +278,11 @@ def _mail_parameters(
             if value is None or value.upper() not in BODY_TYPES:
                 return BAD_BODY
             body = value.upper()
+        elif keyword == "AUTH" and auth_offered and value:
+            # RFC 4954 5: who first submitted the message.  Taken, and
+            # treated as AUTH=<>: the relay does not vouch for it, nor
+            # pass it on.
+            continue
         else:
             return unsupported_parameter(keyword)
     return MailRequest(sender=sender, size=size, body=body)

@@ -523,7 +523,9 @@ class RelayServer(smtp.ESMTP):
             return MUST_STARTTLS
         if self._transaction is not None:
             return NESTED_MAIL
-        request = parse_mail(argument, self.settings.config.limits)
+        auth = self._auth
+        offered = auth is not None and auth.ehlo_keyword(self._tls_started) is not None
+        request = parse_mail(argument, self.settings.config.limits, offered)
         if isinstance(request, Reply):
             return request
         self._transaction = Transaction(

@@ -719,6 +719,24 @@ class TestPlainAndLogin:
         server.verifier.held[0].callback(True)
         assert codes(session.take()) == ["235 2.7.0", "250 2.1.0", "250 2.1.5"]
 
+    def test_the_auth_mail_parameter_where_auth_is_offered(
+        self, server: AuthServer
+    ) -> None:
+        # RFC 4954 5: taken (and not vouched for) where AUTH is advertised.
+        session = server.tls()
+        session.send("AUTH PLAIN " + plain("bob", "bobs password") + "\r\n")
+        assert session.send("MAIL FROM:<bob@client.example> AUTH=<>\r\n") == [
+            "250 2.1.0 Ok"
+        ]
+        session.send("RSET\r\n")
+        assert codes(session.send(
+            "MAIL FROM:<bob@client.example> AUTH=bob+40client.example\r\n"
+        )) == ["250 2.1.0"]
+        plaintext = server.connect(peer="192.0.2.7")
+        plaintext.send("EHLO client.example\r\n")
+        assert codes(plaintext.send("MAIL FROM:<a@client.example> AUTH=<>\r\n")) \
+            == ["555 5.5.4"]
+
     def test_starttls_forgets_the_login(self, server: AuthServer) -> None:
         session = server.connect()
         session.send("EHLO client.example\r\n")
@@ -1371,6 +1389,34 @@ def test_users_add_asks_twice_on_the_terminal(config_file: Path,
         assert verify_password(b"s3cret-pw", load_users(users).hashes["henry"])
 
 
+def test_users_commands_wait_for_the_lock(config_file: Path) -> None:
+    """A second writer waits for the first: the folder's lock is held, the
+    command blocks; released, it goes on and nothing is lost."""
+    import fcntl
+
+    users = write_users(config_file.parent / "users.yaml", {"kate": "k"})
+    folder = os.open(users.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        waiting = subprocess.Popen(
+            [str(MTA), "users", "add", "liam", "--password-stdin", "--config",
+             str(config_file)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        assert waiting.stdin is not None
+        waiting.stdin.write("l\n")
+        waiting.stdin.flush()
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=3)  # hashing takes well under that
+        # Meanwhile another change, made under the lock.
+        users.write_text(users_text({**load_users(users).hashes,
+                                     "mia": hash_password(b"m", QUICK)}))
+    finally:
+        os.close(folder)  # releases the lock
+    _, errors = waiting.communicate(timeout=30)
+    assert waiting.returncode == 0, errors
+    assert sorted(load_users(users).hashes) == ["kate", "liam", "mia"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
 def test_root_leaves_the_file_to_its_owner(config_file: Path) -> None:
     users = write_users(config_file.parent / "users.yaml", {"ivy": "i"})
@@ -1403,3 +1449,24 @@ def test_queue_show_names_the_user() -> None:
         "client:   unknown[192.0.2.9] helo=client.test listener=submission "
         "tls=none sasl_username=alice@example.org"
     )
+
+
+@pytest.mark.parametrize(
+    ("esmtp", "tls", "authenticated", "expected"),
+    [
+        (False, False, False, "SMTP"),
+        (True, False, False, "ESMTP"),
+        (True, True, False, "ESMTPS"),
+        (False, True, False, "ESMTPS"),
+        (True, True, True, "ESMTPSA"),
+        (True, False, True, "ESMTPA"),
+    ],
+)
+def test_received_protocol_names(esmtp: bool, tls: bool, authenticated: bool,
+                                 expected: str) -> None:
+    """RFC 3848's "with" words."""
+    from mta.envelope import TLSFacts
+    from mta.received import protocol_name
+
+    facts = TLSFacts("TLSv1.3", "TLS_AES_128_GCM_SHA256") if tls else None
+    assert protocol_name(esmtp, facts, authenticated) == expected

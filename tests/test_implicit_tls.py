@@ -239,6 +239,28 @@ def test_a_plaintext_client_gets_no_smtp(relay: RelayProcess) -> None:
     presented_certificate(relay)  # the next client is served
 
 
+def test_a_failed_starttls_handshake_is_logged_too(
+    tmp_path: Path, relay_cert: certs.CertFiles
+) -> None:
+    relay = RelayProcess(tmp_path / "plain", base_config(
+        tmp_path / "plain", relay_cert.chain, relay_cert.key)).start()
+    try:
+        with socket.create_connection(relay.listener("mx"), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            reader.readline()
+            sock.sendall(b"EHLO client.test\r\nSTARTTLS\r\n")
+            while not reader.readline().startswith(b"220 "):
+                pass
+            sock.sendall(b"this is not a ClientHello\r\n")
+            while sock.recv(4096):
+                pass
+        line = relay.wait_for_log("TLS handshake failed with unknown[127.0.0.1]")
+    finally:
+        relay.stop()
+    assert "on listener mx: " in line
+    assert "Traceback" not in relay.log()
+
+
 def test_a_reload_serves_the_renewed_certificate(
     tmp_path: Path, relay: RelayProcess, relay_cert: certs.CertFiles
 ) -> None:
