@@ -511,6 +511,9 @@ class RelayServer(smtp.ESMTP):
         self._answer("AUTH", replace(reply, text=f"{hostname} {reply.text}"))
         self._closing = True
         self._waiting = False
+        # Reading again (and dropping what comes): the TLS shutdown and
+        # the client's own close must be seen for the connection to end.
+        self.transport.resumeProducing()
         self.transport.loseConnection()
 
     def smtp_MAIL(self, argument: str) -> None:

@@ -846,6 +846,8 @@ class TestFailures:
                    "authentications (3); closing connection")
         assert session.take() == [closing]  # the NOOP is never answered
         assert session.transport.disconnecting
+        # Reading goes on, so the close (TLS's and the client's) is seen.
+        assert session.transport.producerState == "producing"
         assert lines_of(events)[-1] == (
             f"reject: AUTH from unknown[203.0.113.5]: {closing}"
         )
@@ -1121,6 +1123,9 @@ def test_failed_logins_are_logged_slowed_and_cut_off(
     ]
     for n in range(3):
         assert f"guess{n}" not in relay.log()
+    # The connection it closed is gone: a stop has nothing to wait for.
+    relay.stop()
+    assert "stop: done, nothing left under way" in relay.log()
 
 
 def test_credentials_absent_from_the_log_with_transcripts(
