@@ -1,6 +1,6 @@
 """The ``mta`` command: check the configuration, make a certificate for a
 test set-up, look at and steer the spool (mta.queuecli), explain the
-TLS policy."""
+TLS policy, keep the users of authenticated submission (mta.userscli)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mta import queuecli
+from mta import queuecli, userscli
 from mta.config import Config, ConfigError, default_config_path, load_config
 from mta.spool import Spool
 
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         "make-cert": make_cert,
         "queue": queue_command,
         "policy": policy_command,
+        "users": users_command,
     }[args.command]
     return handler(config_path, args)
 
@@ -47,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "and tls.private_key point, when neither exists",
     )
     queuecli.add_parser(commands, parents=[config])
+    userscli.add_parser(commands, parents=[config])
     policy = commands.add_parser("policy", parents=[config], help="TLS policy")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
     explain = policy_commands.add_parser(
@@ -77,7 +79,7 @@ def check_config(path: Path, args: argparse.Namespace) -> int:
 def make_cert(path: Path, args: argparse.Namespace) -> int:
     from mta.selfsigned import write_self_signed
 
-    config = _load(path, check_tls=False)
+    config = _load(path, check_tls=False, read_users=False)
     if config is None:
         return 1
     tls = config.tls
@@ -98,10 +100,18 @@ def make_cert(path: Path, args: argparse.Namespace) -> int:
 
 
 def queue_command(path: Path, args: argparse.Namespace) -> int:
-    config = _load(path, check_tls=False)
+    config = _load(path, check_tls=False, read_users=False)
     if config is None:
         return 1
     return queuecli.run(Spool(config.spool), args)
+
+
+def users_command(path: Path, args: argparse.Namespace) -> int:
+    # The users file is what this command makes: it need not exist yet.
+    config = _load(path, check_tls=False, read_users=False)
+    if config is None:
+        return 1
+    return userscli.run(config, args)
 
 
 def policy_command(path: Path, args: argparse.Namespace) -> int:
@@ -120,9 +130,9 @@ def policy_command(path: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(path: Path, check_tls: bool) -> Config | None:
+def _load(path: Path, check_tls: bool, read_users: bool = True) -> Config | None:
     try:
-        return load_config(path, check_tls=check_tls)
+        return load_config(path, check_tls=check_tls, read_users=read_users)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return None

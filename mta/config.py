@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 import yaml
 
 from mta.configreader import Reader, load_yaml
+from mta.users import Users, UsersFileError, load_users
 from mta.configvalues import (
     HostPort as HostPort,  # re-exported: a Domain and a Config hold them
     parse_bool,
@@ -42,6 +43,9 @@ LEVELS = ("none", "opportunistic", "enforce-tls", "enforce-secure")
 ROLES = ("inbound", "outbound")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 FALLBACKS = ("plaintext", "defer")
+# A listener's TLS: STARTTLS offered on a plaintext connection, or TLS from
+# the first byte (RFC 8314 "implicit TLS", port 465).
+LISTENER_TLS = ("starttls", "implicit")
 
 # SPEC.md section 1: the lists Proofpoint Essentials published, with the
 # ECDSA twin before each ECDHE-RSA suite so ECDSA certificates work at 1.2.
@@ -94,6 +98,9 @@ class Listener:
     role: str
     require_tls: bool
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    tls: str = "starttls"  # or "implicit" (LISTENER_TLS)
+    auth: Path | None = None  # the users file of SMTP AUTH
+    users: Users | None = None  # what it held when the file was read
 
     def allows_client(self, address: str) -> bool:
         try:
@@ -122,6 +129,12 @@ class Limits:
     connections: int = 300
     client_connections: int = 50
     data_timeout: float = 600.0
+    # Failed logins (mta.authfailures): the first delay before a 535,
+    # doubled per failure of the same address up to the longest, and the
+    # failures one session may have before 421.
+    auth_failure_delay: float = 1.0
+    auth_failure_max_delay: float = 30.0
+    auth_failure_limit: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,10 +251,14 @@ def default_config_path() -> Path:
     return beside if beside.exists() else here
 
 
-def load_config(path: str | os.PathLike[str], check_tls: bool = True) -> Config:
+def load_config(
+    path: str | os.PathLike[str], check_tls: bool = True, read_users: bool = True
+) -> Config:
     """Read, parse and check the file; raise `ConfigError` listing every
     problem.  ``check_tls`` also loads the certificate and key and checks the
-    cipher lists against the OpenSSL that pyOpenSSL uses."""
+    cipher lists against the OpenSSL that pyOpenSSL uses; ``read_users``
+    reads the users file of each listener with ``auth`` (`mta users` does
+    without, to make the file)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -255,7 +272,7 @@ def load_config(path: str | os.PathLike[str], check_tls: bool = True) -> Config:
         raise ConfigError([f"{path}: not valid YAML: {error}"]) from None
 
     reader = Reader(path.resolve())
-    config = _parse(reader, raw)
+    config = _parse(reader, raw, read_users)
     if config is not None and check_tls and not reader.problems:
         from mta.tlsctx import check_tls_config
 
@@ -274,7 +291,7 @@ _TOP_KEYS = (
 )
 
 
-def _parse(reader: Reader, raw: Any) -> Config | None:
+def _parse(reader: Reader, raw: Any, read_users: bool = True) -> Config | None:
     if raw is None:
         reader.problem("(top level)", "the file is empty; expected a mapping")
         return None
@@ -289,7 +306,7 @@ def _parse(reader: Reader, raw: Any) -> Config | None:
     if spool is not None and spool.exists() and not spool.is_dir():
         reader.problem("spool", "is not a folder", str(spool))
     tls = _parse_tls(reader, top.get("tls"))
-    listeners = _parse_listeners(reader, top.get("listeners"))
+    listeners = _parse_listeners(reader, top.get("listeners"), read_users)
     limits = _parse_limits(reader, top.get("limits"))
     domains = _parse_domains(reader, top.get("domains"))
     routes = _parse_routes(reader, top.get("routes"))
@@ -378,13 +395,18 @@ def _parse_min_version(value: Any) -> str:
     raise ValueError("expected TLSv1.2 or TLSv1.3")
 
 
-def _parse_listeners(reader: Reader, raw: Any) -> tuple[Listener, ...]:
-    keys = ("name", "address", "port", "role", "require_tls", "networks")
+def _parse_listeners(
+    reader: Reader, raw: Any, read_users: bool = True
+) -> tuple[Listener, ...]:
+    keys = ("name", "address", "port", "role", "require_tls", "networks", "tls",
+            "auth")
     if not isinstance(raw, list) or not raw:
         reader.problem("listeners", "expected a non-empty list of listeners", raw)
         return ()
     listeners = []
     seen: set[str] = set()
+    # Two listeners may share a users file: read once, its problems once.
+    users_files: dict[Path, Users | None] = {}
     for index, item in enumerate(raw):
         key = f"listeners[{index}]"
         entry = reader.mapping(item, key, keys)
@@ -403,6 +425,16 @@ def _parse_listeners(reader: Reader, raw: Any) -> tuple[Listener, ...]:
             entry, key, "require_tls", parse_bool, default=False
         )
         networks = reader.list_of(entry, key, "networks", parse_network)
+        tls = reader.value(entry, key, "tls", parse_choice(*LISTENER_TLS),
+                           default="starttls") or "starttls"
+        if tls == "implicit":
+            # RFC 8314 3.3: nothing is said before TLS on such a port.
+            if entry.get("require_tls") is False:
+                reader.problem(f"{key}.require_tls", "cannot be false with "
+                               "tls: implicit (every session is TLS)", False)
+            require_tls = True
+        auth, users = _parse_auth(reader, entry, key, role,
+                                  users_files if read_users else None)
         if address is None or port is None or role is None:
             continue
         for other in listeners:
@@ -417,9 +449,42 @@ def _parse_listeners(reader: Reader, raw: Any) -> tuple[Listener, ...]:
                 role=role,
                 require_tls=bool(require_tls),
                 networks=networks,
+                tls=tls,
+                auth=auth,
+                users=users,
             )
         )
     return tuple(listeners)
+
+
+def _parse_auth(
+    reader: Reader, entry: dict[str, Any], key: str, role: str | None,
+    users_files: dict[Path, Users | None] | None,
+) -> tuple[Path | None, Users | None]:
+    """A listener's ``auth``: the users file, and what it holds (None
+    when ``users_files``, those read so far, is None: not read at all)."""
+    path = reader.path_value(entry, key, "auth", required=False)
+    if path is None:
+        return None, None
+    if role == "inbound":
+        reader.problem(f"{key}.auth", "is for outbound listeners (submission); "
+                       "an inbound listener takes mail for `domains` from "
+                       "anyone", str(path))
+        return None, None
+    if users_files is None:
+        return path, None
+    if path in users_files:
+        return path, users_files[path]
+    users_files[path] = None
+    if not path.exists():
+        reader.problem(f"{key}.auth", "no such file; create it with `mta "
+                       "users add NAME`", str(path))
+        return path, None
+    try:
+        users_files[path] = load_users(path)
+    except UsersFileError as error:
+        reader.problems.extend(error.problems)
+    return path, users_files[path]
 
 
 def _parse_metrics(
@@ -528,7 +593,7 @@ def _parse_limits(reader: Reader, raw: Any) -> Limits:
                                             "idle_timeout", "hops",
                                             "stop_timeout", "errors",
                                             "connections", "client_connections",
-                                            "data_timeout"))
+                                            "data_timeout", *AUTH_LIMITS))
     return Limits(
         message_size=reader.value(
             limits, "limits", "message_size", parse_size, default=50 * 1024**2
@@ -551,7 +616,30 @@ def _parse_limits(reader: Reader, raw: Any) -> Limits:
         data_timeout=_duration(
             reader, limits, "limits", "data_timeout", 600, parse_timeout
         ),
+        **_parse_auth_limits(reader, limits),
     )
+
+
+AUTH_LIMITS = ("auth_failure_delay", "auth_failure_max_delay",
+               "auth_failure_limit")
+
+
+def _parse_auth_limits(reader: Reader, limits: dict[str, Any]) -> dict[str, Any]:
+    key = "limits"
+    delay = _duration(reader, limits, key, "auth_failure_delay", 1)
+    longest = _duration(reader, limits, key, "auth_failure_max_delay",
+                        max(delay, 30))
+    if longest < delay:
+        reader.problem(f"{key}.auth_failure_max_delay", "must not be shorter "
+                       f"than limits.auth_failure_delay ({delay:g}s)",
+                       limits.get("auth_failure_max_delay"))
+    return {
+        "auth_failure_delay": delay,
+        "auth_failure_max_delay": max(longest, delay),
+        "auth_failure_limit": reader.value(
+            limits, key, "auth_failure_limit", parse_positive_int, default=3
+        ) or 3,
+    }
 
 
 def _parse_domains(reader: Reader, raw: Any) -> dict[str, Domain]:

@@ -44,6 +44,7 @@ class Client:
     address: str
     listener: str
     tls: TLSFacts | None = None
+    user: str | None = None  # who logged in with SMTP AUTH
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +251,7 @@ _RECIPIENT = {
     "notified": _is_bool,
 }
 _CLIENT = {"helo": _is_str, "host": _is_str, "address": _is_str,
-           "listener": _is_str, "tls": _TLS}
+           "listener": _is_str, "tls": _TLS, "user": _optional(_is_str)}
 _ENVELOPE = {
     "version": _is_int, "queue_id": is_queue_id, "sender": _is_address,
     "arrival": _is_number, "size": _is_int, "client": _mapping(_CLIENT, "client"),
@@ -266,6 +267,7 @@ _ENVELOPE = {
 _ADDED_LATER: dict[str, dict[str, Any]] = {
     "recipient": {"notified": False},
     "envelope": {"delay_notified": False},
+    "client": {"user": None},
 }
 
 

@@ -1,9 +1,11 @@
 """Who may read the relay's secrets: the check of a file's mode at start.
 
 The spool makes its own files private (folders 0700, files 0600: see
-`mta.spool`).  Files the operator provides are only checked: a TLS private
-key that group or others can read is worth a warning, not a refusal to
-start, since taking mail matters more and the fix is one chmod.
+`mta.spool`), and so does `mta users` for the users file.  Files the
+operator provides are only checked: a TLS private key or a users file that
+group or others can read is worth a warning, not a refusal to start, since
+taking mail matters more and the fix is one chmod.  The users file is
+checked again at each reload, since it is the file most often edited.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import stat
 from pathlib import Path
 
+from mta.config import Config
 from mta.logs import log_event
 
 
@@ -33,14 +36,30 @@ def readers(mode: int) -> str | None:
 def private_key_warning(path: Path, mode: int, group: str) -> str | None:
     """The warning for a private key of ``mode`` owned by ``group``, or
     None when only its owner can read it."""
+    return exposed_warning("tls: private key", "tls.private_key", path, mode,
+                           group)
+
+
+def users_file_warning(
+    listener: str, path: Path, mode: int, group: str
+) -> str | None:
+    """The same for the users file of ``listener``: its hashes are what a
+    guesser wants."""
+    return exposed_warning("auth: users file", f"auth of listener {listener}",
+                           path, mode, group)
+
+
+def exposed_warning(
+    what: str, key: str, path: Path, mode: int, group: str
+) -> str | None:
     who = readers(mode)
     if who is None:
         return None
     if who == "group":
         who = f"group {group}"
     return (
-        f"tls: private key {path} is readable by {who} "
-        f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it (tls.private_key; "
+        f"{what} {path} is readable by {who} "
+        f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it ({key}; "
         "the relay runs with it anyway)"
     )
 
@@ -50,11 +69,17 @@ def check_private_key(path: Path) -> str | None:
     cannot stat is no one's business here: loading the key already failed
     or succeeded on its own, and a folder we cannot search hides the key
     from others too."""
-    try:
-        status = os.stat(path)
-    except OSError:
+    status = _stat(path)
+    if status is None:
         return None
     return private_key_warning(path, status.st_mode, _group_name(status.st_gid))
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def _group_name(gid: int) -> str:
@@ -69,3 +94,21 @@ def warn_if_key_exposed(path: Path) -> None:
     warning = check_private_key(path)
     if warning is not None:
         log_event("warn", warning, "tls", file=str(path))
+
+
+def warn_if_users_exposed(config: Config) -> None:
+    """One warning for each users file that others than its owner can
+    read (a file named by two listeners is named once)."""
+    seen: set[Path] = set()
+    for listener in config.listeners:
+        path = listener.auth
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        status = _stat(path)
+        if status is None:
+            continue
+        warning = users_file_warning(listener.name, path, status.st_mode,
+                                     _group_name(status.st_gid))
+        if warning is not None:
+            log_event("warn", warning, "auth", file=str(path))

@@ -18,7 +18,9 @@ from mta.envelope import Attempt, Envelope
 
 log = Logger(namespace="mta")
 
-ACCEPTED_FIELDS = ("from", "size", "nrcpt", "client", "listener", "tls")
+ACCEPTED_FIELDS = (
+    "from", "size", "nrcpt", "client", "listener", "tls", "sasl_username",
+)
 DELIVERY_FIELDS = (
     "to", "relay", "delay", "tls", "trust", "matched", "policy", "rule",
     "fallback", "dsn", "status",
@@ -48,6 +50,7 @@ def accepted_line(envelope: Envelope) -> str:
         "client": f"{client.host}[{client.address}]",
         "listener": client.listener,
         "tls": str(client.tls) if client.tls else None,
+        "sasl_username": client.user,
     }
     return f"{envelope.queue_id}: accepted " + format_fields(ACCEPTED_FIELDS, fields)
 

@@ -177,7 +177,8 @@ def describe(envelope: Envelope) -> list[str]:
         f"sender:   <{envelope.sender}>",
         f"size:     {envelope.size} ({envelope.body})",
         f"client:   {client.host}[{client.address}] helo={client.helo} "
-        f"listener={client.listener} tls={client.tls or 'none'}",
+        f"listener={client.listener} tls={client.tls or 'none'}"
+        + (f" sasl_username={client.user}" if client.user else ""),
     ]
     for recipient in envelope.recipients:
         dsn = f" dsn={recipient.dsn}" if recipient.dsn else ""

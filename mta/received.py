@@ -21,11 +21,16 @@ _UNSAFE = re.compile(r"[^\x21-\x7e]+")
 MAX_HELO = 255
 
 
-def protocol_name(esmtp: bool, tls: TLSFacts | None) -> str:
-    """RFC 3848: SMTP after HELO, ESMTP after EHLO, ESMTPS with TLS."""
+def protocol_name(
+    esmtp: bool, tls: TLSFacts | None, authenticated: bool = False
+) -> str:
+    """RFC 3848: SMTP after HELO, ESMTP after EHLO, ESMTPS with TLS, and an
+    A after a successful AUTH (ESMTPSA, ESMTPA).  The user name is not
+    written: the header travels with the message to its recipients."""
+    name = "ESMTP" if esmtp or tls is not None or authenticated else "SMTP"
     if tls is not None:
-        return "ESMTPS"
-    return "ESMTP" if esmtp else "SMTP"
+        name += "S"
+    return name + ("A" if authenticated else "")
 
 
 def received_header(
@@ -39,13 +44,15 @@ def received_header(
     tls: TLSFacts | None,
     recipients: Sequence[str],
     when: float,
+    authenticated: bool = False,
 ) -> bytes:
     """The header as bytes, each line ending in CRLF.  ``for <rcpt>`` is
     given only for a single recipient, so that a message to many does not
     tell each one who the others are."""
+    protocol = protocol_name(esmtp, tls, authenticated)
     clauses = [
         f"from {_printable(helo)} ({client_host} [{client_address}])",
-        f"by {hostname} (mta) with {protocol_name(esmtp, tls)} id {queue_id}",
+        f"by {hostname} (mta) with {protocol} id {queue_id}",
     ]
     if tls is not None:
         clauses.append(f"(version={tls.protocol} cipher={tls.cipher})")

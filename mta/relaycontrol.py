@@ -11,7 +11,8 @@ The relay rules (SPEC.md section 6, "No open relay"):
   ``domains``; when that domain has a recipient list, only the listed
   addresses and postmaster@ (RFC 5321 4.5.1);
 - an ``outbound`` listener takes any recipient, but only from a client
-  address inside the listener's ``networks``.  A recipient in one of our own
+  that logged in with SMTP AUTH or whose address is inside the listener's
+  ``networks``.  A recipient in one of our own
   domains must still pass that domain's recipient list, as Postfix does
   with ``smtpd_reject_unlisted_recipient`` even for ``mynetworks``.
 
@@ -119,8 +120,12 @@ def _printable(text: str) -> str:
 # --- parsing MAIL and RCPT -------------------------------------------------
 
 
-def parse_mail(argument: str, limits: Limits) -> MailRequest | Reply:
-    """``FROM:<address> [parameters]`` -> the request, or the error reply."""
+def parse_mail(
+    argument: str, limits: Limits, auth_offered: bool = False
+) -> MailRequest | Reply:
+    """``FROM:<address> [parameters]`` -> the request, or the error reply.
+    ``auth_offered``: the AUTH extension was advertised, so its MAIL
+    parameter is taken."""
     path = _after_keyword(argument, "FROM:")
     if path is None:
         return MAIL_SYNTAX
@@ -131,7 +136,7 @@ def parse_mail(argument: str, limits: Limits) -> MailRequest | Reply:
         if isinstance(parsed, Reply):
             return parsed
         sender, rest = parsed
-    return _mail_parameters(sender, rest, limits)
+    return _mail_parameters(sender, rest, limits, auth_offered)
 
 
 def parse_rcpt(argument: str, postmaster_domain: str | None = None) -> Mailbox | Reply:
@@ -261,7 +266,7 @@ def _parameters(text: str) -> list[tuple[str, str | None]]:
 
 
 def _mail_parameters(
-    sender: Mailbox | None, text: str, limits: Limits
+    sender: Mailbox | None, text: str, limits: Limits, auth_offered: bool
 ) -> MailRequest | Reply:
     size: int | None = None
     body = "7BIT"
@@ -282,6 +287,11 @@ def _mail_parameters(
             if value is None or value.upper() not in BODY_TYPES:
                 return BAD_BODY
             body = value.upper()
+        elif keyword == "AUTH" and auth_offered and value:
+            # RFC 4954 5: who first submitted the message.  Taken, and
+            # treated as AUTH=<>: the relay does not vouch for it, nor
+            # pass it on.
+            continue
         else:
             return unsupported_parameter(keyword)
     return MailRequest(sender=sender, size=size, body=body)
@@ -291,12 +301,20 @@ def _mail_parameters(
 
 
 def recipient_verdict(
-    config: Config, listener: Listener, client_address: str, recipient: str
+    config: Config,
+    listener: Listener,
+    client_address: str,
+    recipient: str,
+    authenticated: bool = False,
 ) -> Reply | None:
     """None when ``listener`` may take ``recipient`` (a syntactically valid
-    ``local@domain``) from a client at ``client_address``; otherwise the
-    reply that refuses it."""
-    if listener.role == "outbound" and not listener.allows_client(client_address):
+    ``local@domain``) from a client at ``client_address``, logged in with
+    AUTH or not; otherwise the reply that refuses it."""
+    if (
+        listener.role == "outbound"
+        and not authenticated
+        and not listener.allows_client(client_address)
+    ):
         return Reply(554, "5.7.1", f"<{recipient}>: Relay access denied")
 
     local, _, domain = recipient.rpartition("@")

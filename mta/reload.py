@@ -10,10 +10,12 @@ log line, and the running configuration stays in force.
 What a reload changes, for the next connection and the next delivery
 attempt (mail already queued included): hostname, limits, domains, routes,
 dns, delivery, defaults, policies, the certificate and key, and each
-listener's role, require_tls and networks.  What it cannot change: which
-listeners exist and the address and port each is bound to (the port may be
-privileged, and the relay no longer is), and the spool folder.  Those wait
-for a restart; `needs_restart` names them and the log says so.
+listener's role, require_tls, networks and users file (``auth``, read again
+at each reload).  What it cannot change: which listeners exist, the address
+and port each is bound to (the port may be privileged, and the relay no
+longer is), whether a port speaks TLS from the first byte (``tls:
+implicit``: its clients expect what it did), and the spool folder.  Those
+wait for a restart; `needs_restart` names them and the log says so.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from twisted.internet import threads
 
 from mta.config import Config, ConfigError, load_config
 from mta.delivery import Deliverer
+from mta.filemodes import warn_if_users_exposed
 from mta.logs import log_event
 from mta.resolver import make_resolver, resolve_targets
 from mta.connectioncache import ConnectionCache
@@ -98,6 +101,9 @@ def needs_restart(old: Config, new: Config) -> list[str]:
         elif _bound(before[name]) != _bound(listener):
             changes.append(f"listener {name} moves from {_bound(before[name])} "
                            f"to {_bound(listener)}")
+        if name in before and before[name].tls != listener.tls:
+            changes.append(f"listener {name} changes from tls: "
+                           f"{before[name].tls} to tls: {listener.tls}")
     for name, listener in before.items():
         if name not in after:
             changes.append(f"listener {name} ({_bound(listener)}) is removed; "
@@ -185,6 +191,7 @@ class Reloader:
                       "then the relay runs as before on this point", "reload",
                       config=str(running.config.path))
         log_expiry(running)
+        warn_if_users_exposed(running.config)
 
     def _refused(self, failure: Any, path: Path) -> None:
         error = failure.value

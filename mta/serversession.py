@@ -11,8 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
 
+from mta.authfailures import FailureTable
 from mta.config import Config, Listener
 from mta.datadecoder import DataDecoder
 from mta.envelope import Envelope
@@ -63,3 +65,6 @@ class Settings:
     on_queued: Callable[[Envelope], None]
     commit: CommitMessage
     reactor: Any  # IReactorTime
+    portal: Portal | None = None  # AUTH is offered (after TLS) when set
+    auth_failures: FailureTable | None = None
+    implicit_tls: bool = False  # RFC 8314: TLS from the first byte

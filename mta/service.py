@@ -21,10 +21,12 @@ from twisted.python import usage
 
 from mta import __version__
 from mta.clientlimits import ClientConnections
+from mta.authcheck import Verifier
+from mta.authfailures import FailureTable
 from mta.config import Config, ConfigError, default_config_path, load_config
 from mta.destinations import Destinations
 from mta.envelope import Envelope
-from mta.filemodes import warn_if_key_exposed
+from mta.filemodes import warn_if_key_exposed, warn_if_users_exposed
 from mta.logs import log_event
 from mta.metrics import start_metrics
 from mta.queue import QueueRunner
@@ -72,6 +74,10 @@ class RelayService(service.Service):
         # One count for every listener: limits.client_connections is per
         # address, whichever port the client uses.
         self.clients = ClientConnections()
+        # One bound on password checks and one memory of failed logins for
+        # every listener (mta.authcheck, mta.authfailures).
+        self.verifier = Verifier(reactor)
+        self.auth_failures = FailureTable(reactor)
         self._install(build(config, reactor))
         self.queue = QueueRunner(
             reactor, self.spool, lambda: self.config, lambda: self.deliverer
@@ -99,6 +105,7 @@ class RelayService(service.Service):
         # relay is seen listening must reload it, not kill it.
         self._reload_on_sighup()
         warn_if_key_exposed(self.config.tls.private_key)  # root sees every folder
+        warn_if_users_exposed(self.config)
         for listener in self.config.listeners:
             factory = RelayServerFactory(
                 listener.name,
@@ -108,6 +115,9 @@ class RelayService(service.Service):
                 self._queued,
                 reactor=self.reactor,
                 clients=self.clients,
+                verifier=self.verifier,
+                auth_failures=self.auth_failures,
+                tls_mode=listener.tls,
             )
             try:
                 port = self.reactor.listenTCP(

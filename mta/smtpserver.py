@@ -24,7 +24,11 @@ rest, whose faults TWISTED-NOTES.md lists:
   session), and a message has its own deadline from 354 to CRLF.CRLF;
 - a client that shuts down its sending side (half-close) has what it sent
   before answered, then the connection is closed; a message it cut short
-  is dropped.
+  is dropped;
+- AUTH (RFC 4954) is offered only inside TLS, on an outbound listener with
+  a users file; its exchange is `mta.smtpauth.AuthSession`, which this
+  reader hands every response line while a 334 is outstanding.  On an
+  implicit-TLS listener (RFC 8314) the handshake comes before the greeting.
 
 How many connections and errors one client may have are pure rules in
 `mta.clientlimits`, with the process-wide connection count.
@@ -61,6 +65,8 @@ from mta.clientlimits import (
     counts_as_error,
     too_many_errors,
 )
+from mta.authcheck import Verifier, make_portal
+from mta.authfailures import FailureTable
 from mta.config import Config, Listener
 from mta.datadecoder import DataDecoder
 from mta.envelope import Client, Envelope, Recipient, TLSFacts
@@ -108,6 +114,7 @@ from mta.serversession import (
     Settings,
     Transaction,
 )
+from mta.smtpauth import MAX_AUTH_LINE, AuthSession
 from mta.spool import MessageWriter, Spool
 from mta.tlsctx import ServerCreator
 
@@ -163,6 +170,7 @@ class RelayServer(smtp.ESMTP):
         self._write_blocked = False  # unsent replies fill the transport
         self._reading_paused = False
         self._producing = False  # registered as the transport's producer
+        self._auth: AuthSession | None = None  # made with the connection
 
     # --- connection events -------------------------------------------
 
@@ -182,6 +190,17 @@ class RelayServer(smtp.ESMTP):
         # and resumes us when it has drained (IConsumer.registerProducer).
         self.transport.registerProducer(self, True)
         self._producing = True
+        self._auth = self._auth_session()
+        if self.settings.implicit_tls:
+            # The greeting waits for the handshake (`handshakeCompleted`):
+            # written before it, it would sit in the TLS layer's buffer,
+            # which pauses us as its producer, and nothing would be read.
+            if self._start_implicit_tls():
+                self.setTimeout(self.idle_timeout)
+            return
+        self._greet()
+
+    def _greet(self) -> None:
         # RFC 2034: no enhanced status code in the greeting.
         self.transport.write(b"220 " + self.greeting() + b"\r\n")
         self.setTimeout(self.idle_timeout)
@@ -268,6 +287,8 @@ class RelayServer(smtp.ESMTP):
             "tls_established",
             client=self._client(),
         )
+        if self.settings.implicit_tls:
+            self._greet()  # RFC 8314 3.3: the greeting inside TLS
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
@@ -275,6 +296,10 @@ class RelayServer(smtp.ESMTP):
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._lost_in_data()
+        if self._auth is not None:
+            self._auth.cancel()
+        if self._tls_started and self.tls is None:
+            self._log_failed_handshake(reason)
         if isinstance(self.factory, RelayServerFactory):
             self.factory.forget(self)
         super().connectionLost(reason)
@@ -295,6 +320,10 @@ class RelayServer(smtp.ESMTP):
             return
         if self._waiting or self._write_blocked:
             return  # _resume or resumeProducing comes back here
+        if self._auth is not None:
+            self._auth.cancel()
+        if self._tls_started and self.tls is None:
+            self._log_failed_handshake(reason)
         self._lost_in_data()
         self._close()
 
@@ -323,6 +352,18 @@ class RelayServer(smtp.ESMTP):
         if self._data_deadline is not None and self._data_deadline.active():
             self._data_deadline.cancel()
         self._data_deadline = None
+
+    def _log_failed_handshake(self, reason: Failure) -> None:
+        # Postfix logs "SSL_accept error" here: a client that cannot (or
+        # will not) speak TLS, common on an implicit-TLS port.
+        log_event(
+            "info",
+            f"TLS handshake failed with {self._client()} on listener "
+            f"{self.settings.listener.name}: {reason.getErrorMessage()}; "
+            "connection closed",
+            "tls_failed",
+            client=self._client(),
+        )
 
     # --- flow control --------------------------------------------------
 
@@ -417,8 +458,9 @@ class RelayServer(smtp.ESMTP):
         long; None until a CRLF arrives.  A bare CR or LF never ends a line.
         An over-long line is dropped as it comes, so it costs no memory."""
         end = self._input.find(b"\r\n")
+        limit = self._line_limit()
         if end < 0:
-            if self._discarding or len(self._input) >= MAX_COMMAND_LINE:
+            if self._discarding or len(self._input) >= limit:
                 self._discarding = True
                 # A final CR may be the first half of the CRLF.
                 keep = 1 if self._input.endswith(b"\r") else 0
@@ -426,13 +468,25 @@ class RelayServer(smtp.ESMTP):
             return None
         line = bytes(self._input[:end])
         del self._input[: end + 2]
-        too_long = self._discarding or end + 2 > MAX_COMMAND_LINE
+        too_long = self._discarding or end + 2 > limit
         self._discarding = False
         return line, too_long
+
+    def _line_limit(self) -> int:
+        # RFC 4954 4: AUTH lines and SASL responses may be longer.
+        auth = self._auth
+        if auth is not None and auth.offered and (
+            auth.in_exchange or self._input[:5].upper() == b"AUTH "
+        ):
+            return MAX_AUTH_LINE
+        return MAX_COMMAND_LINE
 
     def _line_received(self, line: bytes, too_long: bool) -> None:
         if self._stopping:
             self._close_if_idle()
+            return
+        if self._auth is not None and self._auth.in_exchange:
+            self._auth.response(line, self._bad_line(line, too_long))
             return
         if too_long:
             self._reply(LINE_TOO_LONG)
@@ -453,6 +507,13 @@ class RelayServer(smtp.ESMTP):
             return
         self._command = verb
         handler(argument)
+
+    def _bad_line(self, line: bytes, too_long: bool) -> Reply | None:
+        if too_long:
+            return LINE_TOO_LONG
+        if b"\r" in line or b"\n" in line:
+            return BARE_NEWLINE_IN_COMMAND
+        return None
 
     def _message_received(self) -> None:
         message = self._message
@@ -501,6 +562,10 @@ class RelayServer(smtp.ESMTP):
     def _client(self) -> str:
         return f"{UNKNOWN_HOST}[{self.client_address}]"
 
+    def _user(self) -> str | None:
+        """Who logged in with AUTH on this connection, if anyone."""
+        return self._auth.user if self._auth is not None else None
+
     # --- commands ----------------------------------------------------
 
     def smtp_EHLO(self, argument: str) -> None:
@@ -537,6 +602,9 @@ class RelayServer(smtp.ESMTP):
         ]
         if self._can_start_tls():
             lines.append("STARTTLS")
+        auth = self._auth.ehlo_keyword(self._tls_started) if self._auth else None
+        if auth is not None:
+            lines.append(auth)
         return lines
 
     def _can_start_tls(self) -> bool:
@@ -570,8 +638,84 @@ class RelayServer(smtp.ESMTP):
         self._helo_name = None
         self._esmtp = False
         self._transaction = None
+        if self._auth is not None:
+            self._auth.reset()
         self._tls_started = True
         self.transport.startTLS(self.settings.tls_creator)
+
+    def _start_implicit_tls(self) -> bool:
+        """RFC 8314 3.3: TLS from the first byte; the greeting and all else
+        go inside it.  False when it cannot be had: the client is told
+        nothing in the clear, and the connection closes."""
+        if not self._can_start_tls():
+            log_event(
+                "warn",
+                f"listener {self.settings.listener.name}: no TLS for "
+                f"{self._client()} on this implicit-TLS listener; connection "
+                "closed",
+                "tls_unavailable",
+                client=self._client(),
+            )
+            self._close()
+            return False
+        self._tls_started = True
+        self.transport.startTLS(self.settings.tls_creator)
+        return True
+
+    # --- AUTH (mta.smtpauth) -------------------------------------------
+
+    def _auth_session(self) -> AuthSession:
+        settings = self.settings
+        return AuthSession(
+            host=self,
+            portal=settings.portal,
+            failures=settings.auth_failures or FailureTable(settings.reactor),
+            limits=settings.config.limits,
+            clock=settings.reactor,
+            client=self._client(),
+            client_address=self.client_address,
+            listener=settings.listener.name,
+        )
+
+    def smtp_AUTH(self, argument: str) -> None:
+        assert self._auth is not None
+        self._auth.command(
+            argument,
+            tls=self._tls_started,
+            greeted=self._helo_name is not None,
+            in_transaction=self._transaction is not None,
+        )
+
+    def reply_auth(self, reply: Reply, logged: bool) -> None:
+        if logged:
+            self._answer("AUTH", reply)
+        else:
+            self._reply(reply)
+
+    def send_challenge(self, prompt: str) -> None:
+        # RFC 4954 4: "334" SP [base64]; the space stays when it is empty.
+        self.transport.write(b"334 " + prompt.encode("ascii") + b"\r\n")
+
+    def hold_input(self) -> None:
+        """A login is being checked: later commands wait (RFC 2920 3.1),
+        and the time is ours, not the client's idle time."""
+        self._waiting = True
+        self.setTimeout(None)
+        self._pause_or_resume_reading()
+
+    def release_input(self) -> None:
+        self._resume(None)
+
+    def close_with(self, reply: Reply) -> None:
+        hostname = self.settings.config.hostname
+        self._answer("AUTH", replace(reply, text=f"{hostname} {reply.text}"))
+        self._waiting = False
+        # Reading again (and dropping what comes): the TLS shutdown and
+        # the client's own close must be seen for the connection to end.
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        self._close()
 
     def smtp_MAIL(self, argument: str) -> None:
         self._answer("MAIL", self._mail(argument))
@@ -583,7 +727,9 @@ class RelayServer(smtp.ESMTP):
             return MUST_STARTTLS
         if self._transaction is not None:
             return NESTED_MAIL
-        request = parse_mail(argument, self.settings.config.limits)
+        auth = self._auth
+        offered = auth is not None and auth.ehlo_keyword(self._tls_started) is not None
+        request = parse_mail(argument, self.settings.config.limits, offered)
         if isinstance(request, Reply):
             return request
         self._transaction = Transaction(
@@ -610,7 +756,8 @@ class RelayServer(smtp.ESMTP):
         refusal = recipient_limit(
             settings.config.limits, len(transaction.recipients)
         ) or recipient_verdict(
-            settings.config, settings.listener, self.client_address, address
+            settings.config, settings.listener, self.client_address, address,
+            authenticated=self._user() is not None,
         )
         if refusal is not None:
             return refusal
@@ -653,6 +800,7 @@ class RelayServer(smtp.ESMTP):
             queue_id=writer.queue_id,
             esmtp=self._esmtp,
             tls=self.tls,
+            authenticated=self._user() is not None,
             recipients=transaction.recipients,
             when=self.settings.reactor.seconds(),
         )
@@ -724,6 +872,7 @@ class RelayServer(smtp.ESMTP):
             address=self.client_address,
             listener=self.settings.listener.name,
             tls=self.tls,
+            user=self._user(),
         )
         return Envelope(
             queue_id=message.writer.queue_id,
@@ -807,6 +956,9 @@ class RelayServerFactory(ServerFactory):
         on_queued: Callable[[Envelope], None],
         reactor: Any = None,
         clients: ClientConnections | None = None,
+        verifier: Verifier | None = None,
+        auth_failures: FailureTable | None = None,
+        tls_mode: str | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -818,6 +970,14 @@ class RelayServerFactory(ServerFactory):
         self.get_tls_creator = get_tls_creator
         self.on_queued = on_queued
         self.reactor = reactor
+        # Shared by the listeners of one relay: one bound on the threads
+        # checking passwords, one memory of each client's failed logins.
+        self.verifier = verifier or Verifier(reactor)
+        self.auth_failures = auth_failures or FailureTable(reactor)
+        # The listener's TLS mode when it was bound: clients expect what
+        # the port did at start, so a reload does not change it (None:
+        # as the configuration says, per connection).
+        self.tls_mode = tls_mode
         self.commit: CommitMessage = self._commit_in_thread
         self.clients = ClientConnections() if clients is None else clients
         # Live connections, for a stop that lets them finish (mta.stopping),
@@ -873,6 +1033,9 @@ class RelayServerFactory(ServerFactory):
                 on_queued=self.on_queued,
                 commit=self.commit,
                 reactor=self.reactor,
+                portal=self._portal(listener),
+                auth_failures=self.auth_failures,
+                implicit_tls=(self.tls_mode or listener.tls) == "implicit",
             )
         )
         protocol.factory = self
@@ -908,6 +1071,11 @@ class RelayServerFactory(ServerFactory):
             drained, self._drained = self._drained, []
             for waiting in drained:
                 waiting.callback(None)
+
+    def _portal(self, listener: Listener) -> Any:
+        if listener.users is None or listener.role != "outbound":
+            return None
+        return make_portal(listener.users, self.verifier)
 
     def _tls_creator(self) -> ServerCreator | None:
         try:

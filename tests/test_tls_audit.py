@@ -1,12 +1,14 @@
 """The listeners' TLS as a scanner on the internet sees it (issue 5, item 5).
 
-Debian's sslscan runs against the real relay (`twistd mta`) over STARTTLS
-and its XML verdict is asserted: only TLS 1.2 and 1.3; exactly the
-configured ciphers, in the configured order (sslscan finds the order by
-offering everything, recording the server's pick, removing it and asking
-again); no insecure renegotiation.  The names it prints are OpenSSL's for
-TLS 1.2 and the RFC's for TLS 1.3: the two name spaces of `tls.ciphers` and
-`tls.ciphersuites`, so they compare as they are.
+Debian's sslscan runs against the real relay (`twistd mta`) over STARTTLS,
+and directly (without ``--starttls-smtp``) on an implicit-TLS listener
+(``tls: implicit``, port 465 style), and its XML verdict is asserted: only
+TLS 1.2 and 1.3; exactly the configured ciphers, in the configured order
+(sslscan finds the order by offering everything, recording the server's
+pick, removing it and asking again); no insecure renegotiation.  The
+names it prints are OpenSSL's for TLS 1.2 and the RFC's for TLS 1.3: the
+two name spaces of `tls.ciphers` and `tls.ciphersuites`, so they compare
+as they are.
 
 Two things sslscan 2.0.7 on Debian cannot see, checked with other real
 clients:
@@ -39,12 +41,12 @@ from mta.config import DEFAULT_CIPHERS, DEFAULT_CIPHERSUITES, TLSConfig
 from mta.tlsctx import server_context
 from tests.peers import certs, rawhello
 from tests.peers.postfix import require_program
-from tests.relay import RelayProcess, base_config
+from tests.relay import RelayProcess, base_config, free_port
 
 # Only what is asserted: no Heartbleed probe, no key-exchange groups.
 SSLSCAN_OPTIONS = (
-    "--starttls-smtp", "--xml=-", "--no-colour", "--no-heartbleed",
-    "--no-groups", "--no-check-certificate",
+    "--xml=-", "--no-colour", "--no-heartbleed", "--no-groups",
+    "--no-check-certificate",
 )
 
 
@@ -94,10 +96,13 @@ def parse_sslscan(xml: str) -> Scan:
     )
 
 
-def sslscan(address: str, port: int) -> Scan:
+def sslscan(address: str, port: int, starttls: bool = True) -> Scan:
+    """sslscan's verdict, over STARTTLS or (an implicit-TLS listener) from
+    the first byte."""
     program = require_program("sslscan", "sslscan")
+    options = ("--starttls-smtp", *SSLSCAN_OPTIONS) if starttls else SSLSCAN_OPTIONS
     result = subprocess.run(
-        [program, *SSLSCAN_OPTIONS, f"{address}:{port}"],
+        [program, *options, f"{address}:{port}"],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
@@ -119,9 +124,15 @@ def usable_ciphers(names: tuple[str, ...], key_type: Any) -> list[str]:
 def start_relay(
     folder: Path, key_type: Any = certs.ECDSA, **tls: Any
 ) -> RelayProcess:
+    """The default listeners (mx, submission over STARTTLS) and smtps,
+    with implicit TLS."""
     leaf = certs.issue_server_cert("relay.test", key_type=key_type)
     files = certs.write_cert_files(leaf, folder / "tls", stem="relay")
     config = base_config(folder, files.chain, files.key)
+    config["listeners"].append(
+        {"name": "smtps", "address": "127.0.0.1", "port": free_port(),
+         "role": "outbound", "tls": "implicit", "networks": ["127.0.0.0/8"]}
+    )
     config["tls"].update(tls)
     return RelayProcess(folder, config).start()
 
@@ -170,6 +181,23 @@ def test_scanner_sees_the_default_lists_exactly(
 
     assert_only_modern_protocols(scan)
     expected = usable_ciphers(DEFAULT_CIPHERS, key_type)
+    assert scan.accepted == {"TLSv1.3": list(DEFAULT_CIPHERSUITES),
+                             "TLSv1.2": expected}
+    assert scan.preferred == {"TLSv1.3": DEFAULT_CIPHERSUITES[0],
+                              "TLSv1.2": expected[0]}
+    assert_no_insecure_renegotiation(scan)
+    assert scan.compression in (None, False)
+
+
+def test_scanner_sees_the_same_on_an_implicit_tls_listener(
+    relay: RelayProcess,
+) -> None:
+    """RFC 8314 port: the handshake from the first byte, the same contexts
+    and so the same verdict as over STARTTLS."""
+    scan = sslscan(*relay.listener("smtps"), starttls=False)
+
+    assert_only_modern_protocols(scan)
+    expected = usable_ciphers(DEFAULT_CIPHERS, certs.ECDSA)
     assert scan.accepted == {"TLSv1.3": list(DEFAULT_CIPHERSUITES),
                              "TLSv1.2": expected}
     assert scan.preferred == {"TLSv1.3": DEFAULT_CIPHERSUITES[0],
