@@ -50,7 +50,7 @@ STATUSES = ("sent", "deferred", "bounced")
 # counter; the README documents the counters alone, and process_start_time
 # already says when they started at zero.  Its documented switch is
 # process-wide, which suits a relay process.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 def protocol_label(tls: TLSFacts | None) -> str:
@@ -212,7 +212,7 @@ class MetricsServer:
             self.port = None
 
 
-class _QuietSite(Site):  # type: ignore[misc]
+class _QuietSite(Site):
     """A Site without an access log: twisted.web would write a line per
     scrape ("GET /metrics HTTP/1.1" 200) into the mail log, every 15
     seconds, for nothing an operator reads there."""
