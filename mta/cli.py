@@ -5,11 +5,19 @@ TLS policy, keep the users of authenticated submission (mta.userscli)."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
 from pathlib import Path
 
 from mta import queuecli, userscli
-from mta.config import Config, ConfigError, default_config_path, load_config
+from mta.certcheck import certificate_warnings
+from mta.config import (
+    Config,
+    ConfigError,
+    default_config_path,
+    load_config,
+    spool_setting,
+)
 from mta.spool import Spool
 
 
@@ -66,13 +74,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def check_config(path: Path, args: argparse.Namespace) -> int:
+    """Every problem of the file, exit status 1; or "ok", exit status 0,
+    then a line "warning: ..." for each thing that works but will not for
+    long, or not for every client (mta.certcheck)."""
     try:
-        load_config(path)
+        config = load_config(path)
     except ConfigError as error:
         for problem in error.problems:
             print(problem)
         return 1
     print("ok")
+    now = datetime.datetime.now(datetime.UTC)
+    for warning in certificate_warnings(config.tls.certificate,
+                                        config.hostname, now):
+        print(f"warning: {config.path}: {warning}")
     return 0
 
 
@@ -100,10 +115,21 @@ def make_cert(path: Path, args: argparse.Namespace) -> int:
 
 
 def queue_command(path: Path, args: argparse.Namespace) -> int:
-    config = _load(path, check_tls=False, read_users=False)
-    if config is None:
+    # Only the spool setting must be sound: after a typo elsewhere the
+    # running relay keeps its old configuration, and its queue must still
+    # be seen and steered (as mailq works after a typo in main.cf).
+    try:
+        spool, problems = spool_setting(path)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
         return 1
-    return queuecli.run(Spool(config.spool), args)
+    if problems:
+        print(f"mta: warning: {path} has problems (a reload would refuse it; "
+              f"the queue commands use only its spool setting, {spool}):",
+              file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+    return queuecli.run(Spool(spool), args)
 
 
 def users_command(path: Path, args: argparse.Namespace) -> int:

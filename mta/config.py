@@ -259,7 +259,40 @@ def load_config(
     cipher lists against the OpenSSL that pyOpenSSL uses; ``read_users``
     reads the users file of each listener with ``auth`` (`mta users` does
     without, to make the file)."""
-    path = Path(path)
+    raw, reader = _read(Path(path))
+    config = _parse(reader, raw, check_tls, read_users)
+    if reader.problems or config is None:
+        raise ConfigError(reader.problems)
+    return config
+
+
+def spool_setting(path: str | os.PathLike[str]) -> tuple[Path, tuple[str, ...]]:
+    """The spool folder, for `mta queue`, and the file's other problems.
+
+    The queue commands need only ``spool``: after a typo elsewhere (which
+    the running relay refuses to reload) they must still show and steer
+    the queue, as Postfix's mailq works after a typo in main.cf.  Raises
+    `ConfigError` only when ``spool`` itself cannot be read."""
+    try:
+        return load_config(path, check_tls=False, read_users=False).spool, ()
+    except ConfigError as error:
+        others = error.problems
+    raw, reader = _read(Path(path))
+    spool = None
+    if isinstance(raw, dict):
+        reader.problems.clear()  # the whole file's, in `others` already
+        spool = reader.path_value(raw, "", "spool")
+        spool = None if spool is None else _check_spool(reader, spool)
+    if spool is None or any(
+        problem.startswith(f"{reader.path}: spool:") for problem in others
+    ):
+        raise ConfigError(others)
+    return spool, others
+
+
+def _read(path: Path) -> tuple[Any, Reader]:
+    """The YAML document and a `Reader` holding the problems found so far
+    (keys given twice); `ConfigError` when there is no document to read."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
@@ -267,21 +300,21 @@ def load_config(
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: is not UTF-8 text"]) from None
     try:
-        raw = load_yaml(text, path)
+        raw, duplicates = load_yaml(text, path)
     except yaml.YAMLError as error:
         raise ConfigError([f"{path}: not valid YAML: {error}"]) from None
 
     reader = Reader(path.resolve())
-    config = _parse(reader, raw, read_users)
-    if config is not None and check_tls and not reader.problems:
-        from mta.tlsctx import check_tls_config
+    for key, what in duplicates:
+        reader.problem(key, what)
+    return raw, reader
 
-        reader.problems.extend(
-            f"{reader.path}: {problem}" for problem in check_tls_config(config.tls)
-        )
-    if reader.problems or config is None:
-        raise ConfigError(reader.problems)
-    return config
+
+def _check_spool(reader: Reader, spool: Path) -> Path | None:
+    if spool.exists() and not spool.is_dir():
+        reader.problem("spool", "is not a folder", str(spool))
+        return None
+    return spool
 
 
 _TOP_KEYS = (
@@ -291,7 +324,9 @@ _TOP_KEYS = (
 )
 
 
-def _parse(reader: Reader, raw: Any, read_users: bool = True) -> Config | None:
+def _parse(
+    reader: Reader, raw: Any, check_tls: bool, read_users: bool = True
+) -> Config | None:
     if raw is None:
         reader.problem("(top level)", "the file is empty; expected a mapping")
         return None
@@ -303,9 +338,17 @@ def _parse(reader: Reader, raw: Any, read_users: bool = True) -> Config | None:
         top, "", "hostname", parse_hostname, default=_default_hostname()
     )
     spool = reader.path_value(top, "", "spool")
-    if spool is not None and spool.exists() and not spool.is_dir():
-        reader.problem("spool", "is not a folder", str(spool))
+    if spool is not None:
+        _check_spool(reader, spool)
     tls = _parse_tls(reader, top.get("tls"))
+    if tls is not None and check_tls:
+        # Checked whatever else is wrong, so that one run of check-config
+        # shows every problem of the file.
+        from mta.tlsctx import check_tls_config
+
+        reader.problems.extend(
+            f"{reader.path}: {problem}" for problem in check_tls_config(tls)
+        )
     listeners = _parse_listeners(reader, top.get("listeners"), read_users)
     limits = _parse_limits(reader, top.get("limits"))
     domains = _parse_domains(reader, top.get("domains"))
@@ -375,6 +418,7 @@ def _parse_tls(reader: Reader, raw: Any) -> TLSConfig | None:
         trust = reader.path_value(tls, "tls", "trust")
         if trust is not None and not trust.is_file():
             reader.problem("tls.trust", "no such file", str(trust))
+            trust = None  # reported once; the file is refused anyway
     if certificate is None or private_key is None:
         return None
     return TLSConfig(

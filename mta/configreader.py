@@ -1,12 +1,12 @@
-"""Reading a configuration file: YAML that refuses a key given twice, and
-a `Reader` that walks the tree and collects every problem with the key
-where it was found.
+"""Reading a configuration file: YAML whose keys given twice are found
+and named, and a `Reader` that walks the tree and collects every problem
+with the key where it was found.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import yaml
 
@@ -98,37 +98,49 @@ class Reader:
         return self.value(raw, key, name, parse, required=required)
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key given twice is an error: silently
-    keeping the last one hides typos an operator would want to see."""
+def load_yaml(text: str, path: Path) -> tuple[Any, list[tuple[str, str]]]:
+    """The document, and each key given twice as (key, what is wrong).
 
-
-def _mapping_without_duplicates(
-    loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False
-) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-        try:
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice", key_node.start_mark
-                )
-            seen.add(key)
-        except TypeError:
-            continue  # an unhashable key; the parser reports it
-    return loader.construct_mapping(node, deep)
-
-
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
-)
-
-
-def load_yaml(text: str, path: Path) -> Any:
-    loader = _StrictLoader(text)
+    A key given twice is an error, not "the last one wins" as PyYAML has
+    it: it hides typos an operator would want to see.  But it is reported
+    beside every other problem of the file, not instead of them, so the
+    document is still built (with the last value) and checked.  Raises
+    `yaml.YAMLError` when the text is not YAML at all."""
+    loader = yaml.SafeLoader(text)
     loader.name = str(path)  # error marks then name the file, not "<unicode string>"
     try:
-        return loader.get_single_data()
+        node = loader.get_single_node()
+        if node is None:
+            return None, []
+        duplicates = list(_duplicate_keys(node, "", set()))
+        return loader.construct_document(node), duplicates
     finally:
         loader.dispose()
+
+
+def _duplicate_keys(
+    node: yaml.Node, where: str, seen_nodes: set[int]
+) -> Iterator[tuple[str, str]]:
+    # An alias can make the node graph cyclic (&a [*a]): visit each once.
+    if id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            yield from _duplicate_keys(item, f"{where}[{index}]", seen_nodes)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[tuple[str, str], int] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        name = key_node.value
+        child = f"{where}.{name}" if where else name
+        line = key_node.start_mark.line + 1
+        identity = (key_node.tag, name)
+        if identity in first_line:
+            yield child, (f"is given twice (line {first_line[identity]} and "
+                          f"line {line}); keep one")
+        else:
+            first_line[identity] = line
+        yield from _duplicate_keys(value_node, child, seen_nodes)

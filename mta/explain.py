@@ -44,17 +44,37 @@ def explain(config: Config, recipient: str) -> list[str]:
         f"policy:     {choice.level} (from {rule})",
         f"next hop:   {'MX of ' if hop.kind == MX else ''}{hop} ({hop.source})",
     ]
-    if choice.match is not None:
-        names = ", ".join(choice.match)
-        lines.append(f"certificate must name one of: {names} (the rule's match)")
-    else:
-        configured = hop.configured_names
-        lines.append(
-            "certificate must name one of: " + ", ".join(
-                (domain, f"the server's own name if it is under {domain}",
-                 *configured))
-        )
+    lines.append(certificate_line(choice.level, choice.match, domain,
+                                  hop.configured_names))
     return lines
+
+
+# What each level makes of the server's certificate (SPEC.md section 2).
+NOT_CHECKED = {
+    "none": "certificate: not checked at this level (none: TLS is never "
+    "tried)",
+    "opportunistic": "certificate: not checked at this level "
+    "(opportunistic: any certificate will do; its facts are recorded)",
+    "enforce-tls": "certificate: not checked at this level (enforce-tls: "
+    "TLS is required, any certificate will do; its facts are recorded)",
+}
+
+
+def certificate_line(
+    level: str,
+    match: tuple[str, ...] | None,
+    domain: str,
+    configured: tuple[str, ...],
+) -> str:
+    """What the server's certificate must name: only ``enforce-secure``
+    checks it; the other levels take any certificate."""
+    if level != "enforce-secure":
+        return NOT_CHECKED[level]
+    if match is not None:
+        return (f"certificate must name one of: {', '.join(match)} "
+                "(the rule's match)")
+    return "certificate must name one of: " + ", ".join(
+        (domain, f"the server's own name if it is under {domain}", *configured))
 
 
 @dataclass(frozen=True, slots=True)

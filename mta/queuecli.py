@@ -88,10 +88,26 @@ def _seconds(text: str) -> float:
 
 def run(spool: Spool, args: argparse.Namespace) -> int:
     try:
+        missing = _not_a_spool(spool)
+        if missing is not None:
+            print(f"mta: spool {spool.root}: {missing}", file=sys.stderr)
+            return 1
         return _run(spool, args)
     except OSError as error:
         print(f"mta: spool {spool.root}: {error}", file=sys.stderr)
         return 1
+
+
+def _not_a_spool(spool: Spool) -> str | None:
+    """Why ``spool`` is no spool to read, or None.  A wrong spool setting
+    must not look like an empty queue."""
+    if not spool.root.is_dir():
+        return ("no such folder; check the spool setting (the relay creates "
+                "it at its first start)")
+    if not spool.queue.is_dir():
+        return (f"no {spool.queue.name}/ folder in it: not a spool the relay "
+                "has used; check the spool setting")
+    return None
 
 
 def _run(spool: Spool, args: argparse.Namespace) -> int:

@@ -14,8 +14,9 @@ listener's role, require_tls, networks and users file (``auth``, read again
 at each reload).  What it cannot change: which listeners exist, the address
 and port each is bound to (the port may be privileged, and the relay no
 longer is), whether a port speaks TLS from the first byte (``tls:
-implicit``: its clients expect what it did), and the spool folder.  Those
-wait for a restart; `needs_restart` names them and the log says so.
+implicit``: its clients expect what it did), the spool folder and the
+metrics endpoint.  Those wait for a restart; `needs_restart` names them,
+measured against what the relay started with, and the log says so.
 """
 
 from __future__ import annotations
@@ -28,18 +29,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from twisted.internet import threads
 
-from mta.config import Config, ConfigError, load_config
+from mta.certcheck import expiry_warning as expiry_warning  # for the tests
+from mta.certcheck import leaf_certificate, warnings_for
+from mta.config import Config, ConfigError, MetricsEndpoint, load_config
+from mta.connectioncache import ConnectionCache
 from mta.delivery import Deliverer
 from mta.filemodes import warn_if_users_exposed
 from mta.logs import log_event
 from mta.resolver import make_resolver, resolve_targets
-from mta.connectioncache import ConnectionCache
-from mta.tlsctx import ServerCreator, certificate_expiry, client_context, server_context
-
-# Warn this long before the relay's own certificate runs out.
-EXPIRY_WARNING = datetime.timedelta(days=14)
+from mta.tlsctx import ServerCreator, client_context, server_context
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +50,7 @@ class Running:
     config: Config
     tls_creator: ServerCreator
     deliverer: Deliverer
-    certificate_expires: datetime.datetime
+    certificate: x509.Certificate  # the relay's own, first in the chain
     # The deliverer's kept connections: closed when this is replaced.
     connections: ConnectionCache
 
@@ -69,7 +70,7 @@ def build(config: Config, reactor: Any) -> Running:
             resolve=partial(resolve_targets, resolver),
             session=connections.session,
         ),
-        certificate_expires=certificate_expiry(config.tls.certificate),
+        certificate=leaf_certificate(config.tls.certificate),
         connections=connections,
     )
 
@@ -89,11 +90,14 @@ def load(path: Path, reactor: Any) -> Running:
 # --- pure decisions ------------------------------------------------------
 
 
-def needs_restart(old: Config, new: Config) -> list[str]:
+def needs_restart(in_use: Config, new: Config) -> list[str]:
     """What ``new`` changes that a reload cannot apply, in words for the
-    log; [] when everything applies."""
+    log; [] when everything applies.  ``in_use`` is the configuration the
+    relay started with: its listeners, spool and metrics endpoint are the
+    ones running whatever reloads came since, so a change undone by a
+    later reload is no change at all."""
     changes = []
-    before = {listener.name: listener for listener in old.listeners}
+    before = {listener.name: listener for listener in in_use.listeners}
     after = {listener.name: listener for listener in new.listeners}
     for name, listener in after.items():
         if name not in before:
@@ -108,8 +112,11 @@ def needs_restart(old: Config, new: Config) -> list[str]:
         if name not in after:
             changes.append(f"listener {name} ({_bound(listener)}) is removed; "
                            "until then its connections are closed at once")
-    if old.spool != new.spool:
-        changes.append(f"spool moves from {old.spool} to {new.spool}")
+    if in_use.spool != new.spool:
+        changes.append(f"spool moves from {in_use.spool} to {new.spool}")
+    if in_use.metrics != new.metrics:
+        changes.append(f"metrics moves from {_endpoint(in_use.metrics)} to "
+                       f"{_endpoint(new.metrics)}")
     return changes
 
 
@@ -117,37 +124,18 @@ def _bound(listener: Any) -> str:
     return f"{listener.address}:{listener.port}"
 
 
-def expiry_warning(
-    path: Path, expires: datetime.datetime, now: datetime.datetime
-) -> str | None:
-    """The warning for the relay's own certificate, or None while it has
-    more than `EXPIRY_WARNING` left."""
-    when = expires.strftime("%Y-%m-%d %H:%M UTC")
-    left = expires - now
-    if left <= datetime.timedelta(0):
-        return (f"tls.certificate {path} expired on {when}: clients that "
-                "check it refuse STARTTLS with us; renew it, then reload "
-                "(SIGHUP)")
-    if left <= EXPIRY_WARNING:
-        return (f"tls.certificate {path} expires on {when} "
-                f"({_in_days(left.days)}); renew it, then reload (SIGHUP)")
-    return None
+def _endpoint(metrics: MetricsEndpoint | None) -> str:
+    return "off" if metrics is None else f"{metrics.address}:{metrics.port}"
 
 
-def _in_days(days: int) -> str:
-    if days == 0:
-        return "in less than a day"
-    return f"in {days} day{'' if days == 1 else 's'}"
-
-
-def log_expiry(running: Running) -> None:
-    warning = expiry_warning(
-        running.config.tls.certificate,
-        running.certificate_expires,
-        datetime.datetime.now(datetime.UTC),
-    )
-    if warning is not None:
-        log_event("warn", warning, "certificate-expiry")
+def log_certificate_warnings(running: Running) -> None:
+    """At start and at each reload: the certificate runs out soon, or does
+    not name `hostname` (mta.certcheck)."""
+    config = running.config
+    now = datetime.datetime.now(datetime.UTC)
+    for warning in warnings_for(config.tls.certificate, config.hostname,
+                                running.certificate, now):
+        log_event("warn", warning, "certificate")
 
 
 # --- the reload itself ---------------------------------------------------
@@ -155,17 +143,21 @@ def log_expiry(running: Running) -> None:
 
 class Reloader:
     """Runs one reload at a time; a SIGHUP that comes during one asks for
-    another after it, so the last version of the file always wins."""
+    another after it, so the last version of the file always wins.
+    ``in_use`` is the configuration the relay started with: what waits for
+    a restart is measured against it (`needs_restart`)."""
 
     def __init__(
         self,
         reactor: Any,
         current: Callable[[], Running],
         install: Callable[[Running], None],
+        in_use: Config | None = None,
     ) -> None:
         self.reactor = reactor
         self.current = current
         self.install = install
+        self.in_use = in_use or current().config
         self._busy = False
         self._again = False
 
@@ -183,14 +175,13 @@ class Reloader:
         loading.addBoth(self._done)
 
     def _loaded(self, running: Running) -> None:
-        old = self.current().config
         self.install(running)
         log_event("info", f"reload: ok config={running.config.path}", "reload")
-        for change in needs_restart(old, running.config):
+        for change in needs_restart(self.in_use, running.config):
             log_event("warn", f"reload: {change}: this needs a restart; until "
                       "then the relay runs as before on this point", "reload",
                       config=str(running.config.path))
-        log_expiry(running)
+        log_certificate_warnings(running)
         warn_if_users_exposed(running.config)
 
     def _refused(self, failure: Any, path: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # The most of a reply's text kept: a server's words, not its novel.
 MAX_TEXT = 2000
@@ -16,6 +16,10 @@ class Reply:
     code: int
     dsn: str  # enhanced status code, RFC 3463: "2.0.0", "5.7.1"
     text: str
+    # False when the server wrote no enhanced code (RFC 2034 is optional)
+    # and `dsn` was derived from the basic code: `line()` then gives the
+    # server's words as they came, never a code it did not say.
+    stated: bool = True
 
     @classmethod
     def parse(cls, code: int, text: str) -> Reply:
@@ -25,7 +29,7 @@ class Reply:
         match = _ENHANCED.match(text)
         if match and match.group(1) == str(code)[0]:
             return cls(code, match.group(0), text[match.end() :].strip())
-        return cls(code, f"{str(code)[0]}.0.0", text)
+        return cls(code, f"{str(code)[0]}.0.0", text, stated=False)
 
     @classmethod
     def parse_lines(cls, code: int, lines: list[str]) -> Reply:
@@ -35,14 +39,15 @@ class Reply:
         rest = []
         for line in lines[1:]:
             line = " ".join(line.split())
-            if line.startswith(first.dsn + " ") or line == first.dsn:
+            if first.stated and (line.startswith(first.dsn + " ")
+                                 or line == first.dsn):
                 line = line[len(first.dsn) :].strip()
             rest.append(line)
         text = " ".join(part for part in (first.text, *rest) if part)
         if len(text) > MAX_TEXT:
             # Kept in the log, the spool at every attempt and the bounce.
             text = text[:MAX_TEXT] + " [...]"
-        return cls(first.code, first.dsn, text)
+        return replace(first, text=text)
 
     @property
     def is_success(self) -> bool:
@@ -57,7 +62,10 @@ class Reply:
         return 500 <= self.code < 600
 
     def line(self) -> str:
-        """As written in logs: ``250 2.0.0 Ok``."""
+        """As written in logs and bounces: ``250 2.0.0 Ok``, or ``250 Ok``
+        from a server that gave no enhanced code: what the server said."""
+        if not self.stated:
+            return f"{self.code} {self.text}".rstrip()
         return f"{self.code} {self.dsn} {self.text}".rstrip()
 
     def __str__(self) -> str:

@@ -30,7 +30,7 @@ from mta.filemodes import warn_if_key_exposed, warn_if_users_exposed
 from mta.logs import log_event
 from mta.metrics import start_metrics
 from mta.queue import QueueRunner
-from mta.reload import Reloader, Running, build, log_expiry
+from mta.reload import Reloader, Running, build, log_certificate_warnings
 from mta.smtpserver import RelayServerFactory
 from mta.spool import Spool
 from mta.stopping import stop_gracefully
@@ -144,7 +144,7 @@ class RelayService(service.Service):
                           f"/{listener.role}" for listener in self.config.listeners)
         log_event("info", f"mta {__version__} started: config={self.config.path} "
                   f"spool={self.config.spool} listeners={names}", "start")
-        log_expiry(self.live)
+        log_certificate_warnings(self.live)
         self.queue.start()
 
     def stopService(self) -> Any:

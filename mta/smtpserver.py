@@ -59,6 +59,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mta.clientaddress import client_address
 from mta.clientlimits import (
     ClientConnections,
     connection_refusal,
@@ -180,7 +181,8 @@ class RelayServer(smtp.ESMTP):
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
-        self.client_address = str(getattr(peer, "host", "") or UNKNOWN_HOST)
+        self.client_address = client_address(
+            str(getattr(peer, "host", "") or UNKNOWN_HOST))
         # Nagle would hold a short reply behind unacknowledged data (a TLS
         # 1.3 session ticket) until the client's delayed ACK.
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -1005,7 +1007,7 @@ class RelayServerFactory(ServerFactory):
                 "listener_missing",
             )
             return None
-        address = str(getattr(addr, "host", "") or UNKNOWN_HOST)
+        address = client_address(str(getattr(addr, "host", "") or UNKNOWN_HOST))
         refusal = connection_refusal(
             config.limits,
             config.hostname,

@@ -9,7 +9,9 @@ contexts.
 
 from __future__ import annotations
 
-import datetime
+import errno
+import os
+import pwd
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,16 +161,13 @@ def check_tls_config(tls: TLSConfig) -> list[str]:
 
 def _check_files(tls: TLSConfig) -> list[str]:
     problems = []
-    for key, path in (("certificate", tls.certificate),
-                      ("private_key", tls.private_key)):
+    files = {"certificate": tls.certificate, "private_key": tls.private_key}
+    for key, path in files.items():
         try:
             data = path.read_bytes()
         except OSError as error:
-            problems.append(
-                f"tls.{key}: cannot read {path}: {error.strerror}; fix the "
-                "path, or run `mta make-cert` for a self-signed pair to try "
-                "the relay with"
-            )
+            problems.append(f"tls.{key}: cannot read {path}: {error.strerror}; "
+                            + _unreadable_hint(key, error, files))
             continue
         try:
             if key == "certificate":
@@ -179,6 +178,40 @@ def _check_files(tls: TLSConfig) -> list[str]:
             problems.append(f"tls.{key}: {path} holds no PEM "
                             f"{'certificate' if key == 'certificate' else 'key'}")
     return problems
+
+
+def _unreadable_hint(key: str, error: OSError, files: dict[str, Path]) -> str:
+    """What to do about a file that cannot be read: it depends on why."""
+    if error.errno in (errno.EACCES, errno.EPERM):
+        user = _user_name()
+        return (f"this check runs as {user} (uid {os.getuid()}): let the user "
+                "that starts the relay read it, and the one it runs as "
+                "(twistd -u) for a reload: chown that user: the file, chmod "
+                "600 (README, \"Running as an unprivileged user\")")
+    if error.errno != errno.ENOENT:
+        return "fix the path"
+    [(other_key, other)] = [(k, p) for k, p in files.items() if k != key]
+    if _exists(other):
+        what = "key" if key == "private_key" else "certificate"
+        return (f"tls.{other_key} {other} exists: put its {what} here, or fix "
+                "the path (`mta make-cert` writes a pair only when neither "
+                "file exists)")
+    return ("fix the path, or run `mta make-cert` for a self-signed pair to "
+            "try the relay with")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid {os.getuid()}"
 
 
 def _check_key_pair(tls: TLSConfig) -> list[str]:
@@ -278,8 +311,3 @@ def _ssl_reason(error: SSL.Error) -> str:
         return str(error.args[0][0][2])
     except (IndexError, TypeError):
         return str(error)
-
-
-def certificate_expiry(path: Path) -> datetime.datetime:
-    cert = crypto.load_certificate(crypto.FILETYPE_PEM, path.read_bytes())
-    return cert.to_cryptography().not_valid_after_utc

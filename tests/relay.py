@@ -65,10 +65,13 @@ class RelayProcess:
         folder: Path,
         config: dict[str, Any],
         twistd_options: tuple[str, ...] = (),
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         self.folder = folder
         self.config = config
         self.twistd_options = twistd_options  # ("-u", "65534") and the like
+        # A command twistd runs under: ("strace", "-f", ...), ("setpriv", ...)
+        self.wrapper = wrapper
         self.config_path = folder / "mta.yaml"
         self.log_path = folder / "mta.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -78,7 +81,8 @@ class RelayProcess:
         self.config_path.write_text(yaml.safe_dump(self.config))
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [str(TWISTD), "--nodaemon", "--pidfile=", *self.twistd_options,
+            [*self.wrapper, str(TWISTD), "--nodaemon", "--pidfile=",
+             *self.twistd_options,
              "mta", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         )

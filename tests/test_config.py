@@ -899,14 +899,53 @@ def test_two_listeners_on_one_address_and_port_are_refused(folder: Path) -> None
                     "127.0.0.1:2525 is already used by listener mx")
 
 
-def test_a_key_given_twice_is_refused_with_file_and_line(folder: Path) -> None:
+def test_a_key_given_twice_is_refused_with_file_key_and_lines(
+    folder: Path,
+) -> None:
     path = folder / "mta.yaml"
-    path.write_text(yaml.safe_dump(base_config(), sort_keys=False)
-                    + "hostname: second.example.net\n")
-    [problem] = problems_of(path)
-    assert problem.startswith(f"{path}: not valid YAML")
-    assert "'hostname' is given twice" in problem
-    assert f'in "{path}", line' in problem
+    text = yaml.safe_dump(base_config(), sort_keys=False)
+    lines = len(text.splitlines())
+    path.write_text(text + "hostname: second.example.net\n"
+                    "limits: {recipients: 10, recipients: 20}\n")
+
+    problems = problems_of(path)
+
+    assert problems == (
+        f"{path}: hostname: is given twice (line 1 and line {lines + 1}); "
+        "keep one",
+        f"{path}: limits.recipients: is given twice (line {lines + 2} and "
+        f"line {lines + 2}); keep one",
+    )
+
+
+def test_a_key_given_twice_hides_no_other_problem(folder: Path) -> None:
+    data = changed(("delivery",), {"max_lifetime": "ages"})
+    data["listeners"].append(dict(data["listeners"][0], name="sub", port=2526))
+    path = folder / "mta.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False).replace(
+        "  port: 2526\n", "  port: 2526\n  port: 2527\n"))
+
+    problems = problems_of(path)
+
+    assert len(problems) == 2, problems
+    assert_reported(problems, path, "listeners[1].port: is given twice")
+    assert_reported(problems, path, "delivery.max_lifetime", "(got 'ages')")
+
+
+def test_tls_problems_are_reported_beside_every_other(folder: Path) -> None:
+    # A cipher OpenSSL drops, a key that is missing, and a bad duration:
+    # one run of check-config must show all three.
+    data = changed(("tls", "ciphers"), ["ECDHE-RSA-AES128-GCM-SHA256", "BOGUS"])
+    data["tls"]["trust"] = "no-such-ca.pem"
+    data["delivery"] = {"max_lifetime": "ages"}
+    path = write(folder, data)
+
+    problems = problems_of(path)
+
+    assert len(problems) == 3, problems
+    assert_reported(problems, path, "tls.ciphers: not supported", "BOGUS")
+    assert_reported(problems, path, "tls.trust: no such file")
+    assert_reported(problems, path, "delivery.max_lifetime", "(got 'ages')")
 
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "100000d"])

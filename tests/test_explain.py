@@ -65,6 +65,32 @@ def test_explain_names_the_rule_and_what_a_certificate_must_name(
     assert "policy:     opportunistic (from defaults.outbound)" in other
 
 
+@pytest.mark.parametrize(("level", "expected"), [
+    ("none", "certificate: not checked at this level (none: TLS is never "
+     "tried)"),
+    ("opportunistic", "certificate: not checked at this level "
+     "(opportunistic: any certificate will do; its facts are recorded)"),
+    ("enforce-tls", "certificate: not checked at this level (enforce-tls: "
+     "TLS is required, any certificate will do; its facts are recorded)"),
+    ("enforce-secure", "certificate must name one of: secure.test, the "
+     "server's own name if it is under secure.test"),
+])
+def test_only_enforce_secure_names_what_a_certificate_must_carry(
+    tmp_path: Path, relay_cert: Any, dns: DNSServer, mx_port: int,
+    level: str, expected: str,
+) -> None:
+    path = write_config(tmp_path, relay_cert, dns, mx_port)
+    raw = yaml.safe_load(path.read_text())
+    raw["policies"][0]["tls"] = level
+    path.write_text(yaml.safe_dump(raw))
+
+    lines = explain(path, "bob@secure.test").splitlines()
+
+    assert f"policy:     {level} (from rule partner)" in lines
+    [certificate] = [line for line in lines if line.startswith("certificate")]
+    assert certificate == expected
+
+
 def test_probe_reports_what_each_server_offers_and_each_level(
     tmp_path: Path, relay_cert: Any, dns: DNSServer, mx_port: int,
     peers: list[Peer],

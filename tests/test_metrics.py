@@ -588,6 +588,26 @@ def test_a_deferred_message_shows_in_the_queue_and_its_tls_failure(
     assert age is not None and 0 < age <= time.time() - before + 1
 
 
+def test_a_scrape_has_no_created_series_and_leaves_no_log_line(
+    relay: Relay,
+) -> None:
+    port = free_port()
+    process = relay.start(metrics={"port": port})
+    process.submit("alice@org.test", ["bob@dest.test"], MESSAGE,
+                   starttls=False)
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    for _ in range(3):
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+    time.sleep(0.5)  # a log line would be written as the request ends
+
+    assert "mta_messages_accepted_total{" in text
+    assert [line for line in text.splitlines() if "_created" in line] == []
+    assert "GET /metrics" not in process.log()
+    assert "HTTP/1.1" not in process.log()
+
+
 def test_only_the_metrics_path_is_served(relay: Relay) -> None:
     port = free_port()
     relay.start(metrics={"port": port})

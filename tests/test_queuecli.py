@@ -554,6 +554,82 @@ def test_flush_while_the_relay_waits_an_hour(site: Site) -> None:
     print(f"flushed message delivered {took:.1f}s after flush")
 
 
+def test_list_and_show_while_the_relay_runs(site: Site, mx_port: int) -> None:
+    site.mx("dest.test", DEAD_MX)
+    relay = site.start(retry="1h")
+    queue_id = site.submit_deferred("looked at")
+    # A second one, just in: its envelope is the listener's, never tried.
+    held = site.submit_deferred("held", to="carol@dest.test")
+    assert site.queue("hold", held).returncode == 0
+
+    listing = site.queue("list")
+    text = site.queue("show", queue_id)
+    data = as_json(site.queue("show", queue_id, "--json"))
+
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0].startswith(f"{queue_id}  ")
+    assert lines[0].endswith("  <alice@org.test>")
+    refused = f"connect to mx.dest.test[{DEAD_MX}]:{mx_port}: Connection refused"
+    assert lines[1] == f"    deferred  <bob@dest.test> ({refused})"
+    assert lines[2].startswith(f"{held}! ")
+    assert lines[4] == f"-- 2 message(s) in {relay.spool.queue}"
+
+    assert text.returncode == 0, text.stderr
+    assert f"queue id: {queue_id}\n" in text.stdout
+    assert "client:   unknown[127.0.0.1] helo=client.test listener=" \
+        "submission tls=TLSv1.3/" in text.stdout
+    assert "recipient <bob@dest.test>: deferred dsn=4.4.1, next attempt " \
+        in text.stdout
+    assert (f"deferred dsn=4.4.1 relay=mx.dest.test[{DEAD_MX}]:{mx_port} "
+            "tls=- trust=- policy=opportunistic") in text.stdout
+    assert f"    ({refused})" in text.stdout
+    assert "Subject: looked at" in text.stdout
+
+    assert data["queue_id"] == queue_id and data["hold"] is False
+    [bob] = data["recipients"]
+    assert bob["state"] == "deferred" and bob["dsn"] == "4.4.1"
+    [attempt] = bob["history"]
+    assert attempt["relay"] == f"mx.dest.test[{DEAD_MX}]:{mx_port}"
+    assert attempt["reply"] == refused
+    assert data["headers"][0]["name"] == "Received"  # the relay's own
+    assert {"name": "Subject", "value": "looked at"} in data["headers"]
+
+
+def test_hold_release_and_delete_json_while_the_relay_runs(site: Site) -> None:
+    site.mx("dest.test", DEAD_MX)
+    relay = site.start(retry="1h")
+    queue_id = site.submit_deferred("steered")
+
+    def change(*args: str) -> list[dict[str, Any]]:
+        done = site.queue(*args, "--json")
+        assert done.returncode == 0, done.stderr
+        return list(as_json(done))
+
+    held = change("hold", queue_id)
+    held_again = change("hold", queue_id)
+    on_hold = relay.spool.load(queue_id).hold
+    released = change("release", queue_id)
+    deleted = change("delete", queue_id)
+
+    assert held == [{"queue_id": queue_id, "status": "done", "ok": True,
+                     "detail": "on hold"}]
+    assert [(o["status"], o["ok"]) for o in held_again] == [("unchanged", True)]
+    assert on_hold is True
+    assert [(o["queue_id"], o["status"]) for o in released] == [
+        (queue_id, "done")]
+    assert [(o["queue_id"], o["status"]) for o in deleted] == [
+        (queue_id, "done")]
+    assert queue_id not in relay.spool.queue_ids()
+    assert not relay.spool.message_path(queue_id).exists()
+    # The relay goes on, and its next scan finds nothing amiss.
+    time.sleep(SCAN_INTERVAL + 1)
+    assert relay.process is not None and relay.process.poll() is None
+    assert "Traceback" not in relay.log()
+    assert f"{queue_id}: moved to" not in relay.log()
+    assert as_json(site.queue("list", "--json")) == []
+
+
 @pytest.fixture
 def tarpit(mx_port: int) -> Iterator[threading.Event]:
     """A server at TARPIT_MX that accepts connections and never answers:

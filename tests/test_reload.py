@@ -96,6 +96,29 @@ def test_what_needs_a_restart(
     assert needs_restart(old, new) == wanted
 
 
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        (None, None, []),
+        ({"port": 9125}, {"port": 9125}, []),
+        (None, {"port": 9125}, ["metrics moves from off to 127.0.0.1:9125"]),
+        ({"port": 9125}, None, ["metrics moves from 127.0.0.1:9125 to off"]),
+        ({"port": 9125}, {"address": "127.0.0.2", "port": 9126},
+         ["metrics moves from 127.0.0.1:9125 to 127.0.0.2:9126"]),
+    ],
+    ids=["off", "same", "on", "off-again", "moved"],
+)
+def test_a_changed_metrics_endpoint_needs_a_restart(
+    tmp_path: Path, relay_cert: CertFiles, before: Any, after: Any,
+    expected: list[str],
+) -> None:
+    def config(metrics: Any) -> Any:
+        extra = {} if metrics is None else {"metrics": metrics}
+        return _config(tmp_path, relay_cert, listeners=_listeners(MX), **extra)
+
+    assert needs_restart(config(before), config(after)) == expected
+
+
 NOW = datetime.datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 DAY = datetime.timedelta(days=1)
 HOUR = datetime.timedelta(hours=1)
@@ -107,9 +130,17 @@ HOUR = datetime.timedelta(hours=1)
         (DAY * 90, None),
         (DAY * 14 + datetime.timedelta(seconds=1), None),
         (DAY * 14, "expires on 2026-12-17 12:00 UTC (in 14 days)"),
-        (DAY * 5 + HOUR * 3, "expires on 2026-12-08 15:00 UTC (in 5 days)"),
-        (HOUR * 30, "(in 1 day)"),
-        (HOUR * 2, "(in less than a day)"),
+        (DAY * 5 + HOUR * 3, "expires on 2026-12-08 15:00 UTC (in 5 days and "
+         "3 hours)"),
+        # Days and hours, never rounded up: 2 days 23 hours is not "3 days",
+        # nor "2 days".
+        (DAY * 2 + HOUR * 23 + datetime.timedelta(minutes=59),
+         "(in 2 days and 23 hours)"),
+        (HOUR * 30, "(in 1 day and 6 hours)"),
+        (HOUR * 24, "(in 1 day)"),
+        (HOUR * 2, "(in 2 hours)"),
+        (HOUR, "(in 1 hour)"),
+        (datetime.timedelta(minutes=59), "(in less than an hour)"),
         (DAY * 0, "expired on 2026-12-03 12:00 UTC"),
         (DAY * -3, "expired on 2026-11-30 12:00 UTC"),
     ],
@@ -274,6 +305,42 @@ def test_listener_changes_are_named_and_wait_for_a_restart(
         assert client.ehlo()[0] == 250
 
 
+def restart_warnings(relay: RelayProcess) -> list[str]:
+    return [line.split("reload: ", 1)[1] for line in relay.log().splitlines()
+            if "needs a restart" in line]
+
+
+def test_what_waits_for_a_restart_is_measured_against_what_runs(
+    enforcing: Site,
+) -> None:
+    relay = enforcing.relay
+    started = relay.config
+    port = started["listeners"][0]["port"]
+    spool = started["spool"]
+    moved = [dict(started["listeners"][0], port=free_port()),
+             *started["listeners"][1:]]
+    metrics_port = free_port()
+
+    assert "reload: ok" in reload(relay, dict(started, listeners=moved,
+                                              spool=spool + "-new"))
+    assert "reload: ok" in reload(relay, dict(started, metrics={
+        "port": metrics_port}))
+    # Back to the file the relay started with: nothing waits any more.
+    assert "reload: ok" in reload(relay, started)
+
+    assert restart_warnings(relay) == [
+        f"listener mx moves from 127.0.0.1:{port} to 127.0.0.1:"
+        f"{moved[0]['port']}: this needs a restart; until then the relay "
+        "runs as before on this point",
+        f"spool moves from {spool} to {spool}-new: this needs a restart; "
+        "until then the relay runs as before on this point",
+        f"metrics moves from off to 127.0.0.1:{metrics_port}: this needs a "
+        "restart; until then the relay runs as before on this point",
+    ]
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        assert client.ehlo()[0] == 250
+
+
 # --- the relay's own certificate -------------------------------------------
 
 
@@ -313,9 +380,9 @@ def test_a_renewed_certificate_is_served_after_reload(
         warning = relay.wait_for_log("tls.certificate")
         expires = _leaf(old).not_valid_after_utc.strftime("%Y-%m-%d %H:%M UTC")
         assert "[mta#warn]" in warning
-        # Issued for 5 days, a moment ago: 4 whole days are left.
+        # Issued for 5 days, a moment ago: 4 days and 23 hours are left.
         assert f"tls.certificate {old.chain} expires on {expires} (in 4 " \
-            "days)" in warning, warning
+            "days and 23 hours)" in warning, warning
         assert presented_certificate(relay).serial_number == \
             _leaf(old).serial_number
 
@@ -349,7 +416,7 @@ def test_reload_warns_of_a_certificate_about_to_expire(
         assert "reload: ok" in reload(relay, relay.config)
         warning = relay.wait_for_log("tls.certificate")
         assert f"tls.certificate {relay_cert.chain} expires on " in warning
-        assert "(in 3 days)" in warning, warning
+        assert "(in 3 days and 11 hours)" in warning, warning
     finally:
         relay.stop()
 

@@ -36,7 +36,27 @@ PARSE_CASES = [
 
 @pytest.mark.parametrize("code, text, dsn, kept", PARSE_CASES)
 def test_parse(code: int, text: str, dsn: str, kept: str) -> None:
-    assert Reply.parse(code, text) == Reply(code, dsn, kept)
+    stated = text.split()[:1] == [dsn]
+    assert Reply.parse(code, text) == Reply(code, dsn, kept, stated=stated)
+
+
+@pytest.mark.parametrize(
+    "code, text, line",
+    [
+        (250, "2.0.0 Ok: queued as 4F2A", "250 2.0.0 Ok: queued as 4F2A"),
+        # The log and the bounce carry the server's words: a code it did
+        # not send is not put in its mouth (the derived one is still the
+        # dsn= field).
+        (250, "OK queued", "250 OK queued"),
+        (550, "no such user", "550 no such user"),
+        (550, "Rejected: 5.7.1 policy", "550 Rejected: 5.7.1 policy"),
+        (554, "", "554"),
+    ],
+)
+def test_a_parsed_reply_is_logged_as_the_server_said_it(
+    code: int, text: str, line: str
+) -> None:
+    assert Reply.parse(code, text).line() == line
 
 
 @pytest.mark.parametrize(
@@ -83,4 +103,6 @@ def test_multiline_reply_keeps_the_enhanced_code_once() -> None:
 
 def test_multiline_reply_without_enhanced_codes() -> None:
     reply = Reply.parse_lines(421, ["mx.example busy", "try later"])
-    assert reply == Reply(421, "4.0.0", "mx.example busy try later")
+    assert reply == Reply(421, "4.0.0", "mx.example busy try later",
+                          stated=False)
+    assert reply.line() == "421 mx.example busy try later"
