@@ -322,10 +322,6 @@ class RelayServer(smtp.ESMTP):
             return
         if self._waiting or self._write_blocked:
             return  # _resume or resumeProducing comes back here
-        if self._auth is not None:
-            self._auth.cancel()
-        if self._tls_started and self.tls is None:
-            self._log_failed_handshake(reason)
         self._lost_in_data()
         self._close()
 

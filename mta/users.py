@@ -100,10 +100,12 @@ def read_hashes(path: Path, missing_ok: bool) -> dict[str, PasswordHash]:
     except UnicodeDecodeError:
         raise UsersFileError([f"{path}: is not UTF-8 text"]) from None
     try:
-        raw = load_yaml(text, path)
+        raw, duplicates = load_yaml(text, path)
     except yaml.YAMLError as error:
         raise UsersFileError([f"{path}: not valid YAML: {error}"]) from None
     reader = Reader(path)
+    for key, what in duplicates:
+        reader.problem(key, what)
     hashes = _parse(reader, raw)
     if reader.problems:
         raise UsersFileError(reader.problems)

@@ -165,7 +165,7 @@ def test_unknown_user_is_checked_against_a_decoy_of_equal_cost(
         ("users:\n  'a b': $scrypt$x\n", "users.a b: a user name is 1 to 255"),
         ("users: [alice]\n", "users: expected a mapping of user name: hash"),
         ("people: {}\n", "people: unknown key; expected one of users"),
-        ("users:\n  alice: x\n  alice: y\n", "key 'alice' is given twice"),
+        ("users:\n  alice: x\n  alice: y\n", "users.alice: is given twice (line 2 and line 3)"),
         ("users: {alice: [\n", "not valid YAML"),
     ],
 )
