@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ class Options:
     modes: tuple[str, ...]  # "plain", "tls"
     repeat: int
     postfix: bool
+    workers: int  # the relay's worker processes
 
 
 def parse_size(text: str) -> int:
@@ -88,6 +90,12 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--no-postfix", action="store_true", help="do not run Postfix beside the relay"
     )
+    parser.add_argument(
+        "--workers",
+        type=positive,
+        default=os.cpu_count() or 1,
+        help="the relay's worker processes (default: one per CPU)",
+    )
     args = parser.parse_args(argv)
 
     modes = tuple(
@@ -100,4 +108,5 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         modes=modes or ("plain", "tls"),
         repeat=args.repeat,
         postfix=not args.no_postfix,
+        workers=args.workers,
     )

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                     POSTFIX_ADDRESS,
                     SINK_ADDRESS,
                     certs,
+                    options.workers,
                 )
                 measure(setup, options.repeat, with_postfix, work)
     finally:
@@ -101,7 +102,7 @@ def header(options: Options, with_postfix: bool, work: Path) -> list[str]:
         + f" Linux {platform.release()}, Python {platform.python_version()}",
         f"spool and queue in {work} ({file_system(work)}), fsync'd;"
         + f" load average before: {os.getloadavg()[0]:.2f}",
-        f"checkout: {checkout()}",
+        f"checkout: {checkout()}; relay workers: {options.workers}",
         f"plaintext: {plain_tools};"
         + " TLS: bench.loadclient -> MTA -> bench.smtpsink",
     ]

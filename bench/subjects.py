@@ -41,7 +41,13 @@ def free_port(address: str) -> int:
 
 
 def relay_config(
-    folder: Path, address: str, port: int, sink: str, cert: CertFiles, tls: bool
+    folder: Path,
+    address: str,
+    port: int,
+    sink: str,
+    cert: CertFiles,
+    tls: bool,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """The benchmark configuration: one submission listener, every domain
     routed to the sink (brackets: no MX lookup), the spool fsync'd as
@@ -68,6 +74,7 @@ def relay_config(
         },
         # A hiccup is retried at once rather than stalling the run.
         "delivery": {"retry_schedule": ["1s"]},
+        "workers": workers,
     }
 
 
@@ -77,12 +84,20 @@ class Relay:
     name = "relay"
 
     def __init__(
-        self, folder: Path, address: str, sink: str, cert: CertFiles, tls: bool
+        self,
+        folder: Path,
+        address: str,
+        sink: str,
+        cert: CertFiles,
+        tls: bool,
+        workers: int = 1,
     ) -> None:
         self.folder = folder
         self.address = address
         self.port = free_port(address)
-        self.config = relay_config(folder, address, self.port, sink, cert, tls)
+        self.config = relay_config(
+            folder, address, self.port, sink, cert, tls, workers
+        )
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

@@ -33,6 +33,7 @@ class Setup:
     postfix_address: str
     sink_address: str
     certs: dict[str, CertFiles]
+    workers: int = 1  # the relay's worker processes
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +68,12 @@ def run_trial(kind: str, setup: Setup, folder: Path) -> Sample:
     subject: Subject
     if kind == "relay":
         subject = Relay(
-            folder, setup.relay_address, sink_at, setup.certs["relay.bench.test"], tls
+            folder,
+            setup.relay_address,
+            sink_at,
+            setup.certs["relay.bench.test"],
+            tls,
+            setup.workers,
         )
     else:
         subject = Postfix(

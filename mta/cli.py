@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         "policy": policy_command,
         "users": users_command,
     }[args.command]
-    return handler(config_path, args)
+    try:
+        return handler(config_path, args)
+    except BrokenPipeError:
+        # The reader stopped early (`mta queue list | head`): as other Unix
+        # tools do, stop quietly.  Standard output is pointed at /dev/null
+        # so that Python's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -231,6 +231,8 @@ class Config:
     # Where clients reach the relay through NAT or a proxy (Postfix's
     # proxy_interfaces): mail to these is mail to ourselves.
     proxy_addresses: tuple[Endpoint, ...] = ()
+    # Processes that share the listening sockets and the spool (mta.workers).
+    workers: int = 1
 
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower().rstrip(".") in self.domains
@@ -320,8 +322,11 @@ def _check_spool(reader: Reader, spool: Path) -> Path | None:
 _TOP_KEYS = (
     "hostname", "spool", "tls", "listeners", "limits", "domains", "routes",
     "dns", "delivery", "defaults", "policies", "log_transcript", "notices",
-    "metrics", "proxy_addresses",
+    "metrics", "proxy_addresses", "workers",
 )
+
+# More processes than this only contend for the same spool folder.
+MAX_WORKERS = 64
 
 
 def _parse(
@@ -360,6 +365,7 @@ def _parse(
     notices = _parse_notices(reader, top.get("notices"))
     metrics = _parse_metrics(reader, top.get("metrics"), listeners)
     proxies = _parse_proxy_addresses(reader, top, listeners)
+    workers = _parse_workers(reader, top, metrics)
     _check_no_loop(reader, domains, routes, _own_endpoints(listeners, proxies))
 
     if reader.problems:
@@ -384,7 +390,27 @@ def _parse(
         notices=notices,
         metrics=metrics,
         proxy_addresses=proxies,
+        workers=workers,
     )
+
+
+def _parse_workers(
+    reader: Reader, top: dict[str, Any], metrics: MetricsEndpoint | None
+) -> int:
+    workers = reader.value(top, "", "workers", parse_positive_int, default=1)
+    if workers is None:
+        return 1
+    if workers > MAX_WORKERS:
+        reader.problem("workers", f"is more than {MAX_WORKERS}; one per core "
+                       "is enough", workers)
+    # Each process counts only its own mail, and the endpoint would show
+    # one process's share as if it were the whole: refused rather than
+    # wrong (README "Limitations").
+    if workers > 1 and metrics is not None:
+        reader.problem("workers", "above 1 cannot be combined with metrics "
+                       "yet: the counters would show one process's share; "
+                       "remove the metrics section or set workers: 1", workers)
+    return workers
 
 
 def _default_hostname() -> str:

@@ -386,6 +386,10 @@ def _deferral_dsn(result: SessionResult) -> str:
     if _server_closing(failure):
         assert failure.reply is not None
         return failure.reply.dsn
+    if failure.stage == "TLS policy" and result.tls is not None:
+        # A session was made and its certificate refused (enforce-secure):
+        # X.7.5, as Postfix reports an untrusted or unmatched certificate.
+        return "4.7.5"
     if failure.stage in ("STARTTLS", "TLS policy"):
         return "4.7.4"
     if failure.stage == "TLS handshake":

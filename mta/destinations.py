@@ -19,9 +19,14 @@ or the hosts of a route or a ``relay_to``.  The rules:
   host, a host refused us for good, the domain does not exist) says
   nothing about whether the destination is up, and changes nothing.
 - After one failure a destination is *failing*: one delivery at a time
-  probes it, and the deliveries that come while a probe is under way are
-  deferred at once, without connecting, so a dead destination whose
-  connections hang does not tie up the queue runner.
+  probes it, and the deliveries that come while a probe is under way wait
+  for its end, set aside like any that finds no free turn (so a dead
+  destination whose connections hang ties up one delivery place, not the
+  queue runner).  A probe that works wakes them as turns allow; one that
+  fails wakes them all, and the next probes or, once the destination is
+  suspended, they are deferred at once.  Waiting is not an attempt: a
+  message is not pushed along its retry schedule for a probe it had no
+  part in (Postfix's queue manager, too, keeps such mail in memory).
 - After ``destination_failure_limit`` failures in a row it is
   *suspended* for ``destination_backoff``; each further suspension (the
   probe after one has ended failed again) lasts twice as long as the one
@@ -199,11 +204,8 @@ def admit(
                          health.last_dsn)
 
     if health.failures:
-        if in_flight:
-            return Admission(DEFER, f"{_not_responding(name, health)}; not "
-                             "tried while another delivery probes it",
-                             health.last_dsn)
-        return Admission(GO)
+        # One probe at a time; the others wait for its verdict.
+        return Admission(WAIT if in_flight else GO)
 
     return Admission(GO if in_flight < manners.concurrency else WAIT)
 

@@ -93,6 +93,8 @@ def run(spool: Spool, args: argparse.Namespace) -> int:
             print(f"mta: spool {spool.root}: {missing}", file=sys.stderr)
             return 1
         return _run(spool, args)
+    except BrokenPipeError:
+        raise  # the reader went away (| head): not the spool's fault
     except OSError as error:
         print(f"mta: spool {spool.root}: {error}", file=sys.stderr)
         return 1

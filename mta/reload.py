@@ -14,9 +14,10 @@ listener's role, require_tls, networks and users file (``auth``, read again
 at each reload).  What it cannot change: which listeners exist, the address
 and port each is bound to (the port may be privileged, and the relay no
 longer is), whether a port speaks TLS from the first byte (``tls:
-implicit``: its clients expect what it did), the spool folder and the
-metrics endpoint.  Those wait for a restart; `needs_restart` names them,
-measured against what the relay started with, and the log says so.
+implicit``: its clients expect what it did), the spool folder, the
+metrics endpoint and the number of worker processes.  Those wait for a
+restart; `needs_restart` names them, measured against what the relay
+started with, and the log says so.
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ def needs_restart(in_use: Config, new: Config) -> list[str]:
     if in_use.metrics != new.metrics:
         changes.append(f"metrics moves from {_endpoint(in_use.metrics)} to "
                        f"{_endpoint(new.metrics)}")
+    if in_use.workers != new.workers:
+        changes.append(f"workers changes from {in_use.workers} to "
+                       f"{new.workers}")
     return changes
 
 

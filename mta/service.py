@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import error as netError
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort
 from twisted.python import usage
 
@@ -34,6 +34,7 @@ from mta.reload import Reloader, Running, build, log_certificate_warnings
 from mta.smtpserver import RelayServerFactory
 from mta.spool import Spool
 from mta.stopping import stop_gracefully
+from mta.workers import InheritedSocket, WorkerPool
 
 
 class Options(usage.Options):
@@ -61,7 +62,19 @@ class RelayService(service.Service):
     objects built from it are swapped whole (a later reload replaces them);
     listeners and the queue ask for them per connection and per attempt."""
 
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any = None,
+        inherited: tuple[InheritedSocket, ...] | None = None,
+        number: int = 1,
+    ) -> None:
+        # inherited: the listening sockets of a worker process started by
+        # the first one (mta.workers); None in the first process, which
+        # binds them itself.
+        self.inherited = inherited
+        self.number = number
+        self.pool: WorkerPool | None = None
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -104,21 +117,14 @@ class RelayService(service.Service):
         # SIGHUP is caught before any port answers: one sent as soon as the
         # relay is seen listening must reload it, not kill it.
         self._reload_on_sighup()
+        if self.inherited is not None:
+            self._adopt_listeners(self.inherited)
+            service.Service.privilegedStartService(self)
+            return
         warn_if_key_exposed(self.config.tls.private_key)  # root sees every folder
         warn_if_users_exposed(self.config)
         for listener in self.config.listeners:
-            factory = RelayServerFactory(
-                listener.name,
-                lambda: self.config,
-                self.spool,
-                lambda: self.tls_creator,
-                self._queued,
-                reactor=self.reactor,
-                clients=self.clients,
-                verifier=self.verifier,
-                auth_failures=self.auth_failures,
-                tls_mode=listener.tls,
-            )
+            factory = self._factory(listener)
             try:
                 port = self.reactor.listenTCP(
                     listener.port, factory, interface=listener.address
@@ -137,28 +143,81 @@ class RelayService(service.Service):
         self.metrics = start_metrics(self.reactor, lambda: self.config, self.spool)
         service.Service.privilegedStartService(self)
 
+    def _factory(self, listener: Any) -> RelayServerFactory:
+        return RelayServerFactory(
+            listener.name,
+            lambda: self.config,
+            self.spool,
+            lambda: self.tls_creator,
+            self._queued,
+            reactor=self.reactor,
+            clients=self.clients,
+            verifier=self.verifier,
+            auth_failures=self.auth_failures,
+            tls_mode=listener.tls,
+        )
+
+    def _adopt_listeners(self, inherited: tuple[InheritedSocket, ...]) -> None:
+        """A worker serves the sockets the first process bound, with the
+        settings its configuration file now gives each listener by name.
+        A listener the file has gained since is not served (the first
+        process could not bind it either); one it has lost is closed."""
+        self.metrics = None
+        listeners = {listener.name: listener for listener in self.config.listeners}
+        for socket_ in inherited:
+            listener = listeners.get(socket_.name)
+            if listener is None:
+                os.close(socket_.descriptor)
+                continue
+            factory = self._factory(listener)
+            port = self.reactor.adoptStreamPort(
+                socket_.descriptor, socket_.family, factory
+            )
+            # The reactor holds its own copy of the socket now.
+            os.close(socket_.descriptor)
+            self.ports.append(port)
+            self.factories.append(factory)
+
     def startService(self) -> None:
         self._open_spool()
         service.Service.startService(self)
         names = ", ".join(f"{listener.name}={listener.address}:{listener.port}"
                           f"/{listener.role}" for listener in self.config.listeners)
-        log_event("info", f"mta {__version__} started: config={self.config.path} "
-                  f"spool={self.config.spool} listeners={names}", "start")
-        log_certificate_warnings(self.live)
+        who = (f"mta {__version__}" if self.number == 1
+               else f"worker {self.number} (pid {os.getpid()})")
+        log_event("info", f"{who} started: config={self.config.path} "
+                  f"spool={self.config.spool} listeners={names}"
+                  + (f" workers={self.config.workers}"
+                     if self.config.workers > 1 and self.number == 1 else ""),
+                  "start")
+        if self.number == 1:
+            log_certificate_warnings(self.live)
         self.queue.start()
+        if self.inherited is None and self.config.workers > 1:
+            self.pool = WorkerPool(
+                self.reactor, self.config.path, self.config.workers,
+                [(listener.name, listener.address, port) for listener, port
+                 in zip(self.config.listeners, self.ports)],
+            )
+            self.pool.start()
 
     def stopService(self) -> Any:
         # twistd waits for the returned Deferred before closing the rest.
         service.Service.stopService(self)
-        log_event("info", "mta stopping", "stop")
+        who = "mta" if self.number == 1 else f"worker {self.number}"
+        log_event("info", f"{who} stopping", "stop")
         ports, self.ports = self.ports, []
+        timeout = self.config.limits.stop_timeout
         stopped = Deferred.fromCoroutine(stop_gracefully(
-            self.reactor, ports, self.factories, self.queue,
-            self.config.limits.stop_timeout,
+            self.reactor, ports, self.factories, self.queue, timeout,
         ))
         # Then QUIT to every delivery connection kept idle.
-        return stopped.addBoth(lambda result: (self.live.connections.close(),
-                                               result)[1])
+        stopped.addBoth(lambda result: (self.live.connections.close(),
+                                        result)[1])
+        if self.pool is None:
+            return stopped
+        # The workers stop alongside, each as gracefully as this one.
+        return DeferredList([stopped, self.pool.stop(timeout)])
 
     def _open_spool(self) -> None:
         try:
@@ -178,6 +237,8 @@ class RelayService(service.Service):
         # was doing: it only asks the reactor to start the reload.
         def hangup(signum: int, frame: Any) -> None:
             self.reactor.callFromThread(self.reloader.request)
+            if self.pool is not None:
+                self.reactor.callFromThread(self.pool.signal_all, signal.SIGHUP)
 
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, hangup)

@@ -176,7 +176,7 @@ CASES = [
     # enforce-secure: a session without a certificate is refused in the
     # handshake (real certificates: test_policy_matrix.py)
     (["tls-ok"], "enforce-secure", "plaintext", "0s", 9999,
-     [("mx1", True)], "deferred", "mx1", True, None, "4.7.4"),
+     [("mx1", True)], "deferred", "mx1", True, None, "4.7.5"),
     (["no-starttls"], "enforce-secure", "plaintext", "0s", 9999,
      [("mx1", True)], "deferred", "mx1", False, None, "4.7.4"),
     # only the last host's outcome decides

@@ -101,6 +101,33 @@ def test_a_dead_destination_is_suspended_and_others_still_go_out(
     relay.wait_for_log(f"{other}: removed")
 
 
+def test_mail_that_comes_during_a_probe_goes_when_the_probe_works(
+    world: World,
+) -> None:
+    # One refused connection: the destination is failing, not suspended.
+    world.mx("flaky.test", (10, "mx.flaky.test", "127.0.8.4"))
+    relay = world.start(delivery={
+        "retry_schedule": ["1h"], "destination_failure_limit": 3})
+    first = relay.submit("alice@org.test", ["u0@flaky.test"], MESSAGE)
+    relay.wait_for_envelope(deferred(first))
+
+    # The server is back, and slow: the first of three new messages
+    # probes it for a second while the other two come.
+    peer = world.peer(smtppeer.plain, "127.0.8.4", data_delay=1.0)
+    later = [relay.submit("alice@org.test", [f"u{n}@flaky.test"], MESSAGE)
+             for n in (1, 2, 3)]
+
+    # They waited for the probe instead of being deferred for an hour.
+    received = peer.wait_for(3, timeout=15)
+    assert sorted(m.rcpt_tos[0] for m in received) == [
+        "u1@flaky.test", "u2@flaky.test", "u3@flaky.test"]
+    for queue_id in later:
+        relay.wait_for_log(f"{queue_id}: removed")
+        assert f"{queue_id}: to=<" not in "".join(
+            line for line in relay.log().splitlines()
+            if "status=deferred" in line)
+
+
 def test_421_at_rcpt_ends_the_session_and_defers_every_recipient(
     world: World,
 ) -> None:

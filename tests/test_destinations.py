@@ -112,11 +112,11 @@ def test_a_neutral_delivery_changes_nothing() -> None:
     (Health(), 1, NOW, GO),
     (Health(), 2, NOW, WAIT),  # concurrency 2
     (failed_times(1), 0, NOW, GO),  # the probe
-    (failed_times(1), 1, NOW, DEFER),  # a probe is under way
+    (failed_times(1), 1, NOW, WAIT),  # a probe is under way: its end
     (failed_times(3), 0, NOW, DEFER),  # suspended
     (failed_times(3), 0, NOW + 59.9, DEFER),
     (failed_times(3), 0, NOW + 60, GO),  # suspension over: one probe
-    (failed_times(3), 1, NOW + 60, DEFER),
+    (failed_times(3), 1, NOW + 60, WAIT),
 ])
 def test_admission(health: Health, in_flight: int, now: float, kind: str) -> None:
     assert admit(health, "dest.test", in_flight, now, MANNERS).kind == kind
@@ -243,11 +243,17 @@ def test_waiters_are_woken_when_their_destination_starts_failing() -> None:
     destinations.leave("hop", "dest.test", REFUSED, MANNERS)
 
     # One in flight still (a probe, as far as the table knows): the
-    # waiters are all told, and their mail is deferred, not kept waiting
-    # behind a failing destination.
+    # waiters are all told, and wait again for that probe's end; no
+    # attempt is counted against their mail meanwhile.
     assert woken == [0, 1, 2]
-    assert destinations.try_enter("hop", "dest.test", MANNERS).kind == DEFER
+    assert destinations.try_enter("hop", "dest.test", MANNERS).kind == WAIT
     assert changes == [("dest.test", failed_times(1))]
+
+    destinations.when_free("hop", lambda: woken.append(3))
+    destinations.leave("hop", "dest.test", REFUSED, MANNERS)
+    assert woken == [0, 1, 2, 3]
+    # Nothing in flight now: the next delivery is the probe.
+    assert destinations.try_enter("hop", "dest.test", MANNERS).kind == GO
 
 
 def test_suspension_then_probe_then_recovery() -> None:

@@ -166,6 +166,20 @@ def test_list_filters_by_state_and_domain(
     assert names == expected
 
 
+def test_a_reader_that_stops_early_is_no_spool_error(
+    config: Path, queued: dict[str, str]
+) -> None:
+    # `mta queue list --json | head -c 1`: the pipe closes under the writer.
+    reader, writer = os.pipe()
+    os.close(reader)
+    with os.fdopen(writer, "w") as closed:
+        done = subprocess.run(
+            [*MTA, "--config", str(config), "queue", "list", "--json"],
+            stdout=closed, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert done.returncode == 141
+    assert done.stderr == ""
+
+
 def test_list_shows_each_recipient_its_state_and_reason(
     config: Path, queued: dict[str, str]
 ) -> None:
