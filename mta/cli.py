@@ -151,16 +151,24 @@ def users_command(path: Path, args: argparse.Namespace) -> int:
 def policy_command(path: Path, args: argparse.Namespace) -> int:
     from mta.explain import explain, probe_lines
 
+    from mta.relaycontrol import canonical_address
+
     config = _load(path, check_tls=True)
     if config is None:
         return 1
-    if "@" not in args.recipient:
+    # As the log writes it (<bob@example.com>) or as typed; the listener's
+    # own form, so that the answer is the one the relay would give.
+    written = args.recipient.strip()
+    if written.startswith("<") and written.endswith(">"):
+        written = written[1:-1]
+    if "@" not in written or any(char in written for char in "<> \t"):
         print(f"mta: {args.recipient!r} is not an address (local@domain)",
               file=sys.stderr)
         return 1
-    print("\n".join(explain(config, args.recipient)))
+    recipient = canonical_address(written)
+    print("\n".join(explain(config, recipient)))
     if args.probe:
-        print("\n".join(probe_lines(config, args.recipient)))
+        print("\n".join(probe_lines(config, recipient)))
     return 0
 
 

@@ -60,9 +60,21 @@ def connection_refusal(
     return None
 
 
-def counts_as_error(reply: Reply) -> bool:
+# Recipients past limits.recipients are refused 452 4.5.3 and, as RFC 5321
+# 4.5.3.1.10 asks, sent again by the client in another transaction; so
+# that a client which pipelines them all at once does not lose the
+# transaction it has (to the 421 for too many errors), this many of those
+# refusals are not counted as errors (Postfix's
+# smtpd_recipient_overshoot_limit).
+RECIPIENT_OVERSHOOT = 1000
+
+
+def counts_as_error(reply: Reply, overshoot: int = 0) -> bool:
     """Every 4xx and 5xx reply counts, as in Postfix; a 421 ends the session
-    and is not one more."""
+    and is not one more; ``overshoot`` is how many recipients have been
+    refused as too many so far, this one included."""
+    if reply.code == 452 and reply.dsn == "4.5.3":
+        return overshoot > RECIPIENT_OVERSHOOT
     return reply.code >= 400 and reply.code != 421
 
 

@@ -55,6 +55,7 @@ SCAN_INTERVAL = 10.0
 # Messages the runner keeps in mind at once (Postfix's qmgr keeps 20,000);
 # a scan fills half, so that new mail always finds room.
 ACTIVE_LIMIT = 10_000
+SCAN_BATCH = ACTIVE_LIMIT // 2
 # A parked message not woken in this time is taken up by the next scan.
 PARKED_AT_MOST = 60.0
 # A message whose files cannot be read now is tried again after this.
@@ -82,6 +83,11 @@ class QueueRunner:
         self._scanner = LoopingCall(self.scan)
         self._scanner.clock = reactor
         self._stopping = False
+        # The last scan found a full batch: more may be due than it took,
+        # so the next scan comes as soon as these are under way, not at
+        # the next interval (a backlog after an outage drains at once).
+        self._backlog = False
+        self._scanning = False
 
     # --- life cycle ----------------------------------------------------
 
@@ -116,12 +122,19 @@ class QueueRunner:
     def scan(self) -> Deferred[None]:
         # Whatever the spool holds, the scan goes on: it is what finds
         # every other message (a LoopingCall stops for good on an error).
-        scanning = threads.deferToThread(self.spool.earliest_due,
-                                         ACTIVE_LIMIT // 2)
-        return scanning.addCallbacks(self._scanned, self._scan_failed)
+        self._scanning = True
+        scanning = threads.deferToThread(self.spool.earliest_due, SCAN_BATCH)
+        scanning.addCallbacks(self._scanned, self._scan_failed)
+
+        def done(result: object) -> object:
+            self._scanning = False
+            return result
+
+        return scanning.addBoth(done)
 
     def _scanned(self, stamps: list[tuple[float, str]]) -> None:
         now = self.clock()
+        self._backlog = len(stamps) >= SCAN_BATCH and stamps[-1][0] <= now
         for due, queue_id in stamps:
             if queue_id in self._active:
                 continue
@@ -169,6 +182,14 @@ class QueueRunner:
             if queue_id not in self._active and queue_id not in self._parked:
                 self._start(queue_id)
         self._arm_timer(now)
+        self._scan_again_if_drained(now)
+
+    def _scan_again_if_drained(self, now: float) -> None:
+        due = self._schedule.next_due()
+        if (self._backlog and not self._scanning and self._scanner.running
+                and (due is None or due > now)):
+            self._backlog = False
+            self.scan()
 
     def _arm_timer(self, now: float) -> None:
         if self._timer is not None and self._timer.active():

@@ -34,6 +34,13 @@ class LookupFailed(Exception):
         self.reply = reply
 
 
+# At most this many MX addresses are tried per attempt, best first, as
+# Postfix's smtp_mx_address_limit (default 5): a domain that publishes
+# hundreds of MX hosts must not make one attempt into hundreds of lookups
+# and connections (to a third party, perhaps), each with its time-out.
+MX_ADDRESS_LIMIT = 5
+
+
 def make_resolver(nameservers: tuple[tuple[str, int], ...] | None) -> (
     dns.resolver.Resolver
 ):
@@ -60,8 +67,8 @@ def targets_for(resolver: dns.resolver.Resolver, next_hop: NextHop) -> list[Targ
     `LookupFailed`."""
     if next_hop.kind == MX:
         hosts = _mx_hosts(resolver, next_hop.hosts[0])
-    else:
-        hosts = [(host, None) for host in next_hop.hosts]
+        return _addresses(resolver, hosts, MX_ADDRESS_LIMIT)
+    hosts = [(host, None) for host in next_hop.hosts]
     return _addresses(resolver, hosts)
 
 
@@ -96,10 +103,13 @@ def _mx_hosts(
 def _addresses(
     resolver: dns.resolver.Resolver,
     hosts: Iterable[tuple[HostPort, int | None]],
+    limit: int | None = None,
 ) -> list[Target]:
     targets: list[Target] = []
     problems: list[Reply] = []
     for host, preference in hosts:
+        if limit is not None and len(targets) >= limit:
+            break  # no lookups for hosts that would not be tried
         if host.is_literal:
             targets.append(Target(host.host, host.host, host.port, preference))
             continue
@@ -111,7 +121,7 @@ def _addresses(
         targets.extend(Target(host.host, address, host.port, preference)
                        for address in addresses)
     if targets:
-        return targets
+        return targets[:limit]
     # Defer when any host's lookup failed for now; fail when all are gone.
     temporary = [reply for reply in problems if not reply.is_permanent]
     raise LookupFailed(temporary[0] if temporary else problems[0])

@@ -460,9 +460,25 @@ class DeliveryClient(smtp.ESMTPClient):
             self._transaction_over()
 
     def _on_data(self, reply: Reply, lines: list[str]) -> None:
+        if reply.code != 354 and not (reply.is_temporary or reply.is_permanent):
+            # A 250 (or any 2xx/3xx but 354) to DATA: no body was asked
+            # for, so none was taken; the server is out of step with us.
+            self._unexpected(reply)
+            return
         if reply.code != 354:
             self._fail(self._refusal(reply), reply)
             self._transaction_over()
+            return
+        # Nothing may follow a 354 before the body (RFC 2920 3.1: DATA ends
+        # a pipelined group); a reply already here was sent before the
+        # server could see our data, and would be read as its verdict on
+        # it.  Such a server is out of step: stop, deliver nothing.
+        early = self.clearLineBuffer()
+        if early:
+            shown = early.decode("utf-8", "replace")[:200].rstrip()
+            self._fail(f"host {self._target} said {shown!r} after its 354, "
+                       "before the message body was sent")
+            self._abort()
             return
 
         self._step = "body"
@@ -500,6 +516,13 @@ class DeliveryClient(smtp.ESMTPClient):
 
     def _fail(self, reason: str, reply: Reply | None = None, stage: str = "") -> None:
         """Record why the session failed; the first reason wins."""
+        if reply is not None and not (reply.is_temporary or reply.is_permanent):
+            # A 2xx or 3xx that ends a session early (a 250 to DATA, a 250
+            # in the middle of the body) is the server out of step: it
+            # proves nothing was delivered, so it must never decide a
+            # recipient as sent.  Without a reply the recipients are
+            # deferred with the reason, which quotes it.
+            reply = None
         if self._failure is None:
             stage = stage or STEPS[self._step][0]
             self._failure = SessionFailure(stage, reply, reason)

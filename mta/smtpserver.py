@@ -164,6 +164,7 @@ class RelayServer(smtp.ESMTP):
         self._closing = False
         self._stopping = False  # the relay stops: no new transaction
         self._errors = 0  # error replies so far (limits.errors)
+        self._overshoot = 0  # recipients refused as too many so far
         self._command = "CONNECT"  # the last command, for log lines
         self._data_deadline: Any = None  # an IDelayedCall while in DATA
         self._abort_call: Any = None  # an IDelayedCall once closing
@@ -496,7 +497,9 @@ class RelayServer(smtp.ESMTP):
         if not words:
             self._reply(BAD_SYNTAX)
             return
-        verb = words[0].upper()
+        # Verbs are ASCII (RFC 5321 2.4): a Unicode look-alike such as
+        # "ſtarttls", which upper() would turn into STARTTLS, is unknown.
+        verb = words[0].upper() if words[0].isascii() else ""
         argument = words[1] if len(words) > 1 else ""
         handler = getattr(self, f"smtp_{verb}", None) if verb.isalpha() else None
         if handler is None:
@@ -547,7 +550,9 @@ class RelayServer(smtp.ESMTP):
         # character from becoming an exception in the reactor.
         line = reply_text(reply).encode("ascii", "replace")
         self.transport.write(line + b"\r\n")
-        if counts_as_error(reply):
+        if reply.code == 452 and reply.dsn == "4.5.3":
+            self._overshoot += 1
+        if counts_as_error(reply, self._overshoot):
             self._errors += 1
 
     def _answer(self, command: str, reply: Reply) -> None:

@@ -65,6 +65,32 @@ def test_explain_names_the_rule_and_what_a_certificate_must_name(
     assert "policy:     opportunistic (from defaults.outbound)" in other
 
 
+@pytest.mark.parametrize("written", ["<bob@secure.test>", "bob@SECURE.test.",
+                                     '"bob"@secure.test', " <bob@Secure.Test> "])
+def test_the_recipient_as_the_log_writes_it_gets_the_same_answer(
+    tmp_path: Path, relay_cert: Any, dns: DNSServer, mx_port: int, written: str
+) -> None:
+    # Pasted from a log line (<...>), or in any form the listener takes
+    # for the same mailbox: the rule for secure.test, never the default.
+    path = write_config(tmp_path, relay_cert, dns, mx_port)
+
+    text = explain(path, written)
+
+    assert "policy:     enforce-secure (from rule partner)" in text
+
+
+@pytest.mark.parametrize("written", ["bob", "<bob@a> <c@d>", "bob @secure.test"])
+def test_what_is_no_address_is_refused(
+    tmp_path: Path, relay_cert: Any, dns: DNSServer, mx_port: int, written: str
+) -> None:
+    path = write_config(tmp_path, relay_cert, dns, mx_port)
+    done = subprocess.run(
+        [sys.executable, "-m", "mta", "--config", str(path), "policy",
+         "explain", written], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "is not an address (local@domain)" in done.stderr
+
+
 @pytest.mark.parametrize(("level", "expected"), [
     ("none", "certificate: not checked at this level (none: TLS is never "
      "tried)"),

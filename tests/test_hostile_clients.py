@@ -25,8 +25,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from mta.clientlimits import ClientConnections
+from mta.clientlimits import ClientConnections, counts_as_error
 from mta.envelope import Envelope, TLSFacts
+from mta.reply import Reply
 from mta.smtpserver import RelayServerFactory
 from mta.spool import MessageWriter
 from tests.peers import certs
@@ -313,6 +314,24 @@ class TestSizeAndRecipients:
             "452 4.5.3 Error: too many recipients"
         ]
 
+    def test_recipients_past_the_limit_do_not_lose_the_transaction(
+        self, server: Server
+    ) -> None:
+        """A client that pipelines more recipients than the limit gets
+        452 for the rest (to send them again later, RFC 5321 4.5.3.1.10);
+        those refusals are no errors, so its message still goes (up to
+        Postfix's overshoot of 1000, after which they count)."""
+        server.set_limits(recipients=3, errors=5)
+        session = server.connect()
+        session.hello()
+        rcpts = "".join(f"RCPT TO:<u{n}@example.com>\r\n" for n in range(30))
+        replies = session.send(f"MAIL FROM:<s@client.example>\r\n{rcpts}DATA\r\n")
+        assert codes(replies) == (["250 2.1.0"] + ["250 2.1.5"] * 3
+                                  + ["452 4.5.3"] * 27 + ["354 End"])
+        replies = session.send(b"Subject: many\r\n\r\nhello\r\n.\r\n")
+        assert codes(replies) == ["250 2.0.0"]
+        assert not session.transport.disconnecting
+
 
 # --- connections ---------------------------------------------------------------
 
@@ -415,6 +434,30 @@ class TestErrors:
             "too many errors after UNKNOWN from unknown[192.0.2.1]: 20 error "
             "replies (limits.errors: 20); answered 421 4.7.0, connection closed"
         ]
+
+    @pytest.mark.parametrize("verb", ["\u017ftarttls", "ma\u0131l", "qu\u0131t",
+                                      "NOO\uff30"])
+    def test_a_unicode_look_alike_is_no_command(
+        self, server: Server, verb: str
+    ) -> None:
+        session = server.connect()
+        session.hello()
+        assert codes(session.send(f"{verb}\r\n".encode())) == ["502 5.5.2"]
+        assert not session.transport.disconnecting
+
+    @pytest.mark.parametrize(("reply", "overshoot", "counts"), [
+        (Reply(452, "4.5.3", "Error: too many recipients"), 1, False),
+        (Reply(452, "4.5.3", "Error: too many recipients"), 1000, False),
+        (Reply(452, "4.5.3", "Error: too many recipients"), 1001, True),
+        (Reply(452, "4.3.1", "Insufficient system storage"), 0, True),
+        (Reply(550, "5.7.1", "relay denied"), 0, True),
+        (Reply(421, "4.7.0", "closing"), 0, False),
+        (Reply(250, "2.0.0", "Ok"), 0, False),
+    ])
+    def test_which_replies_count_as_errors(
+        self, reply: Reply, overshoot: int, counts: bool
+    ) -> None:
+        assert counts_as_error(reply, overshoot) is counts
 
     def test_every_refusal_counts(self, server: Server) -> None:
         server.set_limits(errors=4)

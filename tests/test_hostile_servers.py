@@ -143,6 +143,41 @@ async def test_starttls_response_injection_is_dropped(
     assert script.bodies == [body.read_bytes() + b".\r\n"]
 
 
+# --- a success that proves nothing -------------------------------------------
+
+
+@pytest.mark.parametrize(("data_reply", "end_of_data", "while_doing"), [
+    # 250 instead of 354: no body was asked for, and none was sent.
+    (b"250 2.0.0 ok", b"250 2.0.0 stored", "while sending DATA command"),
+    # 354, then at once a 250, before the body could have been seen.
+    (b"354 go on\r\n250 2.0.0 ok", b"250 2.0.0 stored",
+     "after its 354, before the message body was sent"),
+    # A 3xx other than 354 to DATA.
+    (b"334 what", b"250 2.0.0 stored", "while sending DATA command"),
+])
+@pytest.mark.parametrize("pipelining", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_success_out_of_step_never_counts_as_delivered(
+    tmp_path: Path, data_reply: bytes, end_of_data: bytes, while_doing: str,
+    pipelining: bool,
+) -> None:
+    """A server whose replies fall out of step with our commands may say
+    250 where it never took the message: the recipient must be deferred
+    (no reply decides it), never taken as sent and removed from the spool."""
+    body = tmp_path / "body"
+    body.write_bytes(b"Subject: test\r\n\r\n" + b"x" * 998 + b"\r\n" * 200)
+    ehlo = b"250-fake.test\r\n250 PIPELINING" if pipelining else b"250 fake.test"
+    script = Script(plain={"EHLO": ehlo, "DATA": data_reply},
+                    end_of_data=end_of_data)
+
+    result = await run(script, body, settings())
+
+    assert result.failure is not None
+    assert result.reply_for(RECIPIENT) is None, result.reply_for(RECIPIENT)
+    assert while_doing in result.reason_for(RECIPIENT)
+    assert result.data_reply is None
+
+
 # --- our output: exactly CRLF, every leading dot stuffed ---------------------
 
 

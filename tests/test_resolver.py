@@ -98,3 +98,23 @@ def test_relay_to_hosts_are_looked_up_by_address_never_mx(dns: DNSServer) -> Non
 
     assert lookup(dns, hop) == [Target("mail.example.test", "127.0.0.7", 2526),
                                 Target("127.0.0.8", "127.0.0.8", 25)]
+
+
+def test_at_most_five_mx_addresses_and_no_lookups_past_them(
+    dns: DNSServer,
+) -> None:
+    # A domain with 300 MX hosts must not make one attempt into 300
+    # connections: the best five addresses, as Postfix's
+    # smtp_mx_address_limit, and no address lookups for the rest.
+    names = [f"mx{n:03d}.evil.test" for n in range(300)]
+    dns.set("evil.test", "MX", [f"{n} {name}." for n, name in enumerate(names)])
+    for n, name in enumerate(names):
+        dns.set(name, "A", [f"127.0.{n // 250}.{n % 250 + 1}"])
+    dns.set(names[1], "A", ["127.0.9.1", "127.0.9.2"])  # two addresses
+
+    targets = lookup(dns, mx_hop("evil.test"))
+
+    assert [t.name for t in targets] == [names[0], names[1], names[1],
+                                         names[2], names[3]]
+    asked = {query.name for query in dns.queries if query.rdtype in ("A", "AAAA")}
+    assert asked == set(names[:4])
