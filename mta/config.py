@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-from mta.configreader import Reader, load_yaml
+from mta.configfiles import check_regular, read_regular_text
+from mta.configreader import Reader, load_yaml, shown, yaml_problem
 from mta.users import Users, UsersFileError, load_users
 from mta.configvalues import (
     HostPort as HostPort,  # re-exported: a Domain and a Config hold them
@@ -32,10 +34,12 @@ from mta.configvalues import (
     parse_ip,
     parse_name_list,
     parse_network,
+    parse_pause,
     parse_port,
     parse_positive_int,
     parse_size,
     parse_timeout,
+    scalar_text,
 )
 from mta.ownendpoints import Endpoint, endpoint_for, is_loopback
 
@@ -296,7 +300,8 @@ def _read(path: Path) -> tuple[Any, Reader]:
     """The YAML document and a `Reader` holding the problems found so far
     (keys given twice); `ConfigError` when there is no document to read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # Never blocks: a FIFO or a device is refused, not waited on.
+        text = read_regular_text(path)
     except OSError as error:
         raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
     except UnicodeDecodeError:
@@ -304,7 +309,7 @@ def _read(path: Path) -> tuple[Any, Reader]:
     try:
         raw, duplicates = load_yaml(text, path)
     except yaml.YAMLError as error:
-        raise ConfigError([f"{path}: not valid YAML: {error}"]) from None
+        raise ConfigError([f"{path}: {yaml_problem(error)}"]) from None
 
     reader = Reader(path.resolve())
     for key, what in duplicates:
@@ -442,9 +447,16 @@ def _parse_tls(reader: Reader, raw: Any) -> TLSConfig | None:
     trust = None
     if tls.get("trust", "system") != "system":
         trust = reader.path_value(tls, "tls", "trust")
-        if trust is not None and not trust.is_file():
-            reader.problem("tls.trust", "no such file", str(trust))
-            trust = None  # reported once; the file is refused anyway
+        if trust is not None:
+            try:
+                check_regular(trust)
+            except FileNotFoundError:
+                reader.problem("tls.trust", "no such file", str(trust))
+                trust = None  # reported once; the file is refused anyway
+            except OSError as error:
+                reader.problem("tls.trust", f"cannot read: {error.strerror}",
+                               str(trust))
+                trust = None
     if certificate is None or private_key is None:
         return None
     return TLSConfig(
@@ -482,7 +494,8 @@ def _parse_listeners(
         entry = reader.mapping(item, key, keys)
         if item is not None and not isinstance(item, dict):
             continue
-        name = reader.value(entry, key, "name", str, default=f"listener{index}")
+        name = reader.value(entry, key, "name", parse_name,
+                            default=f"listener{index}")
         if name in seen:
             reader.problem(f"{key}.name", "is used by another listener", name)
         seen.add(name or "")
@@ -546,9 +559,15 @@ def _parse_auth(
     if path in users_files:
         return path, users_files[path]
     users_files[path] = None
-    if not path.exists():
+    try:
+        check_regular(path)  # never opened when it is a FIFO or a device
+    except FileNotFoundError:
         reader.problem(f"{key}.auth", "no such file; create it with `mta "
                        "users add NAME`", str(path))
+        return path, None
+    except OSError as error:
+        reader.problem(f"{key}.auth", f"cannot read: {error.strerror}",
+                       str(path))
         return path, None
     try:
         users_files[path] = load_users(path)
@@ -605,7 +624,8 @@ def _parse_proxy_addresses(
     ports = sorted({listener.port for listener in listeners})
 
     def parse(value: Any) -> tuple[str, int | None]:
-        text = str(value).strip()
+        text = scalar_text(value, "expected an IP address, ADDRESS:PORT or "
+                           "[IPv6]:PORT").strip()
         if text.startswith("[") and text.endswith("]"):
             text = text[1:-1]
         try:
@@ -719,6 +739,7 @@ def _parse_domains(reader: Reader, raw: Any) -> dict[str, Domain]:
         reader.problem("domains", "expected a mapping of domain names", raw)
         return {}
     domains = {}
+    spelled: dict[str, Any] = {}  # each domain as it was first written
     for name, item in raw.items():
         key = f"domains.{name}"
         try:
@@ -726,40 +747,117 @@ def _parse_domains(reader: Reader, raw: Any) -> dict[str, Domain]:
         except ValueError as error:
             reader.problem(key, str(error), name)
             continue
+        if domain in spelled:
+            _same_name(reader, key, "domain", f"domains.{spelled[domain]}",
+                       name)
+            continue
+        spelled[domain] = name
         entry = reader.mapping(item, key, ("relay_to", "recipients"))
         relay_to = reader.list_of(entry, key, "relay_to", parse_hostport)
         if not relay_to:
             reader.problem(f"{key}.relay_to", "is required: where this "
                            "domain's mail goes")
-        recipients = _parse_recipients(reader, entry, key)
+        recipients = _parse_recipients(reader, entry, key, domain)
         domains[domain] = Domain(domain, relay_to, recipients)
     return domains
 
 
+def _same_name(
+    reader: Reader, key: str, what: str, first: str, value: Any
+) -> None:
+    """``key`` names again the {what} that ``first`` named: case and a
+    trailing dot do not make another one, so one of them would silently
+    win."""
+    reader.problem(key, f"is the same {what} as {first} (case and a trailing "
+                   "dot do not count); keep one", value)
+
+
+# At most this many bad entries of one recipient list are told one by one.
+MAX_RECIPIENT_PROBLEMS = 10
+
+
 def _parse_recipients(
-    reader: Reader, entry: dict[str, Any], key: str
+    reader: Reader, entry: dict[str, Any], key: str, domain: str
 ) -> frozenset[str] | None:
+    """The addresses of ``domain`` that may receive mail, in the form
+    `mta.relaycontrol` compares at RCPT (its local part lower-case, the
+    domain as in ``domains``), from a list or a file of one per line."""
     raw = entry.get("recipients")
     if raw is None:
         return None
+    where = f"{key}.recipients"
     if isinstance(raw, str):
         listed = reader.path_value(entry, key, "recipients")
+        if listed is None:
+            return None
         try:
-            lines = listed.read_text("utf-8").splitlines() if listed else []
+            # Never blocks: a FIFO or a device is refused, not waited on.
+            lines = read_regular_text(listed).splitlines()
         except OSError as error:
-            reader.problem(f"{key}.recipients", f"cannot read: {error.strerror}",
-                           str(listed))
+            reader.problem(where, f"cannot read: {error.strerror}", str(listed))
             return None
         except UnicodeDecodeError:
-            reader.problem(f"{key}.recipients", "is not a UTF-8 text file of "
-                           "addresses, one per line", str(listed))
+            reader.problem(where, "is not a UTF-8 text file of addresses, "
+                           "one per line", str(listed))
             return None
-        raw = [line.strip() for line in lines
-               if line.strip() and not line.startswith("#")]
-    if not isinstance(raw, list):
-        reader.problem(f"{key}.recipients", "expected a list or a file", raw)
+        items = [(f"{listed} line {number}: ", line.strip())
+                 for number, line in enumerate(lines, start=1)
+                 if line.strip() and not line.strip().startswith("#")]
+        keys = [where] * len(items)
+    elif isinstance(raw, list):
+        items = [("", item) for item in raw]
+        keys = [f"{where}[{index}]" for index in range(len(raw))]
+    else:
+        reader.problem(where, "expected a list or a file", raw)
         return None
-    return frozenset(str(address).lower() for address in raw)
+    addresses = set()
+    bad = 0
+    for problem_key, (place, item) in zip(keys, items):
+        try:
+            addresses.add(_parse_recipient(item, domain))
+        except ValueError as error:
+            bad += 1
+            if bad <= MAX_RECIPIENT_PROBLEMS:
+                reader.problem(problem_key, place + str(error), item)
+    if bad > MAX_RECIPIENT_PROBLEMS:
+        reader.problem(where, f"{bad - MAX_RECIPIENT_PROBLEMS} more entries "
+                       "are not addresses of this domain either")
+    return frozenset(addresses)
+
+
+# RFC 5321 4.1.2 Dot-string: what a client may write unquoted, and what a
+# quoted local part comes down to when it needs no quotes.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LOCAL_PART = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+# RFC 5321 4.5.3.1: longer ones are refused at RCPT (mta.relaycontrol).
+MAX_LOCAL_PART = 64
+MAX_ADDRESS = 253  # local@domain: a path of 256 with "<", "@" and ">"
+
+
+def _parse_recipient(value: Any, domain: str) -> str:
+    """One address of a recipient list, as `mta.relaycontrol` compares it
+    at RCPT: ``local@domain`` with a plain local part (no quotes, spaces,
+    brackets, comments or control characters) and this domain."""
+    example = f"expected a plain address such as alice@{domain}"
+    if not isinstance(value, str):
+        raise ValueError(example)
+    local, at, written = value.rpartition("@")
+    if not at or not _LOCAL_PART.fullmatch(local):
+        raise ValueError(example)
+    if len(local) > MAX_LOCAL_PART or len(local) + len(domain) > MAX_ADDRESS:
+        raise ValueError(f"too long: a local part of more than "
+                         f"{MAX_LOCAL_PART} characters, or an address of more "
+                         f"than {MAX_ADDRESS}, is refused at RCPT")
+    try:
+        if written != written.strip():
+            raise ValueError(example)
+        other = parse_domain(written)
+    except ValueError:
+        raise ValueError(example) from None
+    if other != domain:
+        raise ValueError(f"is not an address of {domain}: only those can "
+                         "match this list")
+    return f"{local.lower()}@{domain}"
 
 
 def _parse_routes(reader: Reader, raw: Any) -> dict[str, HostPort]:
@@ -769,6 +867,7 @@ def _parse_routes(reader: Reader, raw: Any) -> dict[str, HostPort]:
         reader.problem("routes", "expected a mapping of domain: next hop", raw)
         return {}
     routes = {}
+    spelled: dict[str, Any] = {}  # each domain as it was first written
     for name, item in raw.items():
         key = f"routes.{name}"
         if name != "*":
@@ -782,6 +881,10 @@ def _parse_routes(reader: Reader, raw: Any) -> dict[str, HostPort]:
                 continue
         else:
             domain = "*"
+        if domain in spelled:
+            _same_name(reader, key, "domain", f"routes.{spelled[domain]}", name)
+            continue
+        spelled[domain] = name
         try:
             routes[domain] = parse_hostport(item)
         except ValueError as error:
@@ -810,8 +913,9 @@ def _parse_delivery(reader: Reader, raw: Any) -> Delivery:
             "plaintext_fallback_delay", "timeouts", "port", "concurrency",
             "connection_reuse", *DESTINATION_KEYS)
     delivery = reader.mapping(raw, key, keys)
+    # A step of 0s would retry a deferred message in a tight loop.
     schedule = reader.list_of(
-        delivery, key, "retry_schedule", parse_duration,
+        delivery, key, "retry_schedule", parse_pause("a retry step"),
         default=(60.0, 300.0, 900.0, 3600.0, 14400.0),
     )
     if delivery.get("retry_schedule") == []:
@@ -856,18 +960,25 @@ def _parse_connection_reuse(reader: Reader, delivery: dict[str, Any]) -> Connect
     return ConnectionReuse(
         messages=reader.value(raw, key, "messages", parse_positive_int,
                               default=default.messages) or default.messages,
-        idle=_duration(reader, raw, key, "idle", default.idle),
-        lifetime=_duration(reader, raw, key, "lifetime", default.lifetime),
+        # 0s would mean no reuse, which is written messages: 1.
+        idle=_duration(reader, raw, key, "idle", default.idle, _parse_reuse),
+        lifetime=_duration(reader, raw, key, "lifetime", default.lifetime,
+                           _parse_reuse),
         tls_sessions=_duration(reader, raw, key, "tls_sessions",
                                default.tls_sessions),
     )
 
 
-def _parse_backoff(value: Any) -> float:
+def _parse_reuse(value: Any) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
-        raise ValueError("a suspension must last more than zero seconds")
+        raise ValueError("must be above zero; to reuse no connection, set "
+                         "delivery.connection_reuse.messages: 1")
     return seconds
+
+
+# As short as a retry step may be: a suspension of 0s suspends nothing.
+_parse_backoff = parse_pause("a suspension")
 
 
 DESTINATION_KEYS = ("destination_concurrency", "destination_failure_limit",
@@ -945,21 +1056,35 @@ def _parse_policies(reader: Reader, raw: Any) -> tuple[Policy, ...]:
         return ()
     keys = ("name", "direction", "recipient_domain", "recipient", "tls", "match")
     policies = []
+    named: dict[str, tuple[str, str]] = {}  # the first rule of each name
     for index, item in enumerate(raw):
         key = f"policies[{index}]"
         entry = reader.mapping(item, key, keys)
         if item is not None and not isinstance(item, dict):
             continue
         policy = _parse_policy(reader, entry, key, index)
-        if policy is not None:
-            policies.append(policy)
+        if policy is None:
+            continue
+        # The log and `mta policy explain` name a rule by its name: two
+        # rules of one name could not be told apart.
+        same = policy.name.strip().casefold()
+        if same in named:
+            first_key, first_name = named[same]
+            given = "is" if entry.get("name") else "(given when none is) is"
+            reader.problem(f"{key}.name", f"{given} the name of {first_key} "
+                           f"too ({shown(first_name)}; case does not count); "
+                           "give each rule its own name", policy.name)
+        else:
+            named[same] = (key, policy.name)
+        policies.append(policy)
     return tuple(policies)
 
 
 def _parse_policy(
     reader: Reader, entry: dict[str, Any], key: str, index: int
 ) -> Policy | None:
-    name = reader.value(entry, key, "name", str, default=f"rule{index + 1}")
+    name = reader.value(entry, key, "name", parse_name,
+                        default=f"rule{index + 1}")
     direction = reader.value(
         entry, key, "direction", parse_choice(*ROLES), required=True
     )
@@ -988,14 +1113,20 @@ def _parse_policy(
     )
 
 
+def parse_name(value: Any) -> str:
+    """A listener's or a rule's name: one value, shown in the log."""
+    return scalar_text(value, "expected a name")
+
+
 def _parse_rule_domain(value: Any) -> str:
-    text = str(value)
+    text = scalar_text(value, "expected a domain such as example.com")
     dot = "." if text.startswith(".") else ""
     return dot + parse_domain(text.lstrip("."))
 
 
 def _parse_rule_address(value: Any) -> str:
-    text = str(value).strip()
+    text = scalar_text(value, "expected an address such as ceo@example.com"
+                       ).strip()
     local, at, domain = text.rpartition("@")
     if not at or not local:
         raise ValueError("expected an address such as ceo@example.com")
@@ -1015,7 +1146,8 @@ def _parse_notices(reader: Reader, raw: Any) -> Notices:
 def _parse_postmaster(value: Any) -> str:
     """An address to send notices to, kept as written but for the domain's
     case: it goes into an envelope, where the local part's case counts."""
-    text = str(value).strip()
+    text = scalar_text(
+        value, "expected an address such as postmaster@example.com").strip()
     local, at, domain = text.rpartition("@")
     if not at or not local or any(c in local for c in " <>\"\t"):
         raise ValueError("expected an address such as postmaster@example.com")

@@ -43,13 +43,23 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
+def scalar_text(value: Any, expected: str) -> str:
+    """``str(value)`` for a single value; ValueError(``expected``) for a
+    list or a mapping, whose text could be enormous (aliases) and is never
+    what was meant."""
+    if isinstance(value, (list, dict, tuple, set)):
+        raise ValueError(expected)
+    return str(value)
+
+
 def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s, 10m, 4h or 5d")
     if isinstance(value, (int, float)):
         seconds = float(value)
     else:
-        match = _DURATION.match(str(value))
+        match = _DURATION.match(scalar_text(
+            value, "expected a duration such as 30s, 10m, 4h or 5d"))
         if not match:
             raise ValueError("expected a duration such as 30s, 10m, 4h or 5d")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
@@ -69,6 +79,25 @@ def parse_timeout(value: Any) -> float:
     return seconds
 
 
+# A pause shorter than this between two tries of the same thing is no
+# pause: the relay would retry in a tight loop.
+MIN_PAUSE = 1.0
+
+
+def parse_pause(what: str) -> Callable[[Any], float]:
+    """A duration of at least `MIN_PAUSE`, for ``what`` (in the words
+    "WHAT must last at least 1s")."""
+
+    def parse(value: Any) -> float:
+        seconds = parse_duration(value)
+        if seconds < MIN_PAUSE:
+            raise ValueError(f"{what} must last at least 1s: a shorter one "
+                             "would make the relay try again without pause")
+        return seconds
+
+    return parse
+
+
 def parse_size(value: Any) -> int:
     """Bytes; K, M and G (with or without B or iB) are powers of 1024."""
     if isinstance(value, bool):
@@ -76,7 +105,8 @@ def parse_size(value: Any) -> int:
     if isinstance(value, int):
         size = value
     else:
-        match = _SIZE.match(str(value))
+        match = _SIZE.match(scalar_text(
+            value, "expected a size such as 50MB or 10240"))
         if not match:
             raise ValueError("expected a size such as 50MB or 10240")
         unit = (match.group(2) or "")[:1].lower()
@@ -98,7 +128,8 @@ def parse_port(value: Any) -> int:
 
 def parse_ip(value: Any) -> str:
     try:
-        return str(ipaddress.ip_address(str(value)))
+        return str(ipaddress.ip_address(
+            scalar_text(value, "expected an IPv4 or IPv6 address")))
     except ValueError:
         raise ValueError("expected an IPv4 or IPv6 address") from None
 
@@ -107,7 +138,8 @@ def parse_network(
     value: Any,
 ) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
-        return ipaddress.ip_network(str(value), strict=False)
+        return ipaddress.ip_network(
+            scalar_text(value, "expected a network"), strict=False)
     except ValueError:
         raise ValueError("expected a network such as 192.0.2.0/24") from None
 
@@ -120,8 +152,8 @@ _HOSTNAME = re.compile(
 
 
 def parse_hostname(value: Any) -> str:
-    text = str(value).strip()
-    if not isinstance(value, str) or not _HOSTNAME.match(text):
+    text = value.strip() if isinstance(value, str) else ""
+    if not _HOSTNAME.match(text):
         raise ValueError("expected a host name such as mail.example.com")
     return text.lower().rstrip(".")
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from operator import itemgetter
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -145,25 +146,51 @@ def to_json(envelope: Envelope) -> bytes:
 def from_json(data: bytes) -> Envelope:
     """Parse an envelope; raise ValueError for anything that is not one.
 
-    Every field's type is checked here, once: a spool file edited by hand
-    or damaged must be refused whole (and quarantined), never half-used by
-    the queue runner, where a wrong type would fail after a delivery."""
+    Every field's type is checked here, once (`checked_json`): a spool file
+    edited by hand or damaged must be refused whole (and quarantined), never
+    half-used by the queue runner, where a wrong type would fail after a
+    delivery."""
+    raw = checked_json(data)
     try:
-        raw = json.loads(data)
-        _check(raw, _ENVELOPE, "envelope")
-        if raw["version"] != FORMAT_VERSION:
-            raise ValueError(f"unknown envelope format version {raw['version']!r}")
-        del raw["version"]
-        client = raw.pop("client")
-        recipients = raw.pop("recipients")
-        return Envelope(
-            client=Client(**{**client, "tls": _tls(client.get("tls"))}),
-            recipients=tuple(_recipient(item) for item in recipients),
-            **raw,
-        )
-    except (KeyError, TypeError, AttributeError, RecursionError,
-            UnicodeDecodeError, json.JSONDecodeError) as error:
+        return from_checked(raw)
+    except (KeyError, TypeError, AttributeError, RecursionError) as error:
         raise ValueError(f"not a valid envelope: {error}") from None
+
+
+def checked_json(data: bytes) -> dict[str, Any]:
+    """The envelope's JSON form, parsed and checked: what `from_json`
+    accepts, as plain dicts and lists (fields added after the first format
+    filled in with their old meaning; no "version").  The one place the
+    checks are made: a reader that needs no `Envelope` (`mta queue list`
+    over a big spool) is exactly as strict.  ValueError for anything that
+    is not an envelope."""
+    try:
+        # What to_json writes begins "{\n": UTF-8, as json.loads would find
+        # (a byte order mark or a NUL makes it guess another), decoded
+        # here as it would decode it.
+        text = data.decode("utf-8", "surrogatepass") if data[:2] == b"{\n" else data
+        raw = json.loads(text)
+        _ENVELOPE.valid(raw)
+    except (KeyError, TypeError, AttributeError, RecursionError, OverflowError,
+            UnicodeDecodeError, json.JSONDecodeError) as error:
+        # OverflowError: an integer too big for a float where a number of
+        # seconds belongs (math.isfinite).
+        raise ValueError(f"not a valid envelope: {error}") from None
+    if raw["version"] != FORMAT_VERSION:
+        raise ValueError(f"unknown envelope format version {raw['version']!r}")
+    del raw["version"]
+    return raw
+
+
+def from_checked(raw: dict[str, Any]) -> Envelope:
+    """The `Envelope` of a `checked_json` result (which it takes apart)."""
+    client = raw.pop("client")
+    recipients = raw.pop("recipients")
+    return Envelope(
+        client=Client(**{**client, "tls": _tls(client.get("tls"))}),
+        recipients=tuple(_recipient(item) for item in recipients),
+        **raw,
+    )
 
 
 def _tls(raw: dict[str, Any] | None) -> TLSFacts | None:
@@ -178,27 +205,75 @@ def _recipient(raw: dict[str, Any]) -> Recipient:
     return Recipient(history=history, **raw)
 
 
+def in_field_order(raw: dict[str, Any]) -> dict[str, Any]:
+    """A `checked_json` result as `dataclasses.asdict` of its `Envelope`
+    would have it (the same keys and values, in the classes' field order),
+    without making the `Envelope`."""
+    out = {key: raw[key] for key in _FIELDS[Envelope]}
+    out["client"] = _ordered_client(raw["client"])
+    out["recipients"] = [_ordered_recipient(item) for item in raw["recipients"]]
+    return out
+
+
+def _ordered_tls(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if raw is None else {key: raw[key] for key in _FIELDS[TLSFacts]}
+
+
+def _ordered_client(raw: dict[str, Any]) -> dict[str, Any]:
+    out = {key: raw[key] for key in _FIELDS[Client]}
+    out["tls"] = _ordered_tls(out["tls"])
+    return out
+
+
+def _ordered_recipient(raw: dict[str, Any]) -> dict[str, Any]:
+    out = {key: raw[key] for key in _FIELDS[Recipient]}
+    history = out["history"]
+    if history:
+        out["history"] = [_ordered_attempt(item) for item in history]
+    return out
+
+
+def _ordered_attempt(raw: dict[str, Any]) -> dict[str, Any]:
+    out = {key: raw[key] for key in _FIELDS[Attempt]}
+    out["tls"] = _ordered_tls(out["tls"])
+    return out
+
+
+_FIELDS = {cls: tuple(item.name for item in fields(cls))
+           for cls in (Envelope, Client, TLSFacts, Recipient, Attempt)}
+
+
 # --- the JSON form's types -------------------------------------------------
+#
+# Each field of each object is declared once, as (types, check): its value
+# must be an instance of one of ``types`` and pass ``check`` (None: no
+# further check), except a None where ``types`` allows None (an optional
+# field), which needs no check.  `_Shape.valid` tries every field at C
+# speed first, and only when one fails goes through them in order to say
+# which (`_Shape.check`): the same rule either way, and the error a
+# field-by-field check raises.
 
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _optional(check: Any) -> Any:
-    return lambda value: value is None or check(value)
-
-
-def _is_str(value: Any) -> bool:
-    return isinstance(value, str)
+_NONE = type(None)
 
 
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool)
+def _non_negative(value: int) -> bool:
+    return not isinstance(value, bool) and value >= 0
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _finite(value: float) -> bool:
+    # An integer too big for a float raises OverflowError: refused too.
+    return not isinstance(value, bool) and math.isfinite(value)
+
+
+# Times are seconds since 1970; past this (the year 3058) no clock or
+# calendar function copes, and no message waits that long (a held one is
+# due in 2100).  A file edited by hand to 1e300 is refused as damaged
+# rather than crashing whoever reads it.
+LATEST_TIME = float(2**35)
+
+
+def _a_time(value: float) -> bool:
+    return _finite(value) and 0 <= value < LATEST_TIME
 
 
 # Queue ids are upper-case hex (mta.spool.new_queue_id makes 17 digits);
@@ -210,77 +285,149 @@ def is_queue_id(value: Any) -> bool:
     return isinstance(value, str) and QUEUE_ID.fullmatch(value) is not None
 
 
-def _is_address(value: Any) -> bool:
-    # What the listener let in: no line end, no angle bracket, no control
-    # character; anything else would make a wrong command when delivered.
-    return isinstance(value, str) and not any(
-        char in "<>" or ord(char) < 32 or ord(char) == 127 for char in value)
+# A mailbox as the listener writes it (mta.relaycontrol.canonical_address):
+# local@domain, the local part plain or quoted whole (only then may it hold
+# a space), the domain a name or an address literal.  "nobody", "x@" or
+# "x@y NOTIFY=NEVER" never came from a listener, and would be sent as RCPT.
+_RECIPIENT_TEXT = re.compile(
+    r'(?:"(?:[^"\\\x00-\x1f\x7f]|\\[^\x00-\x1f\x7f])*"'
+    r"|[^ \"@<>\x00-\x1f\x7f]+)"
+    r"@[^ @<>\x00-\x1f\x7f]+"
+)
 
 
-def _one_of(*choices: str) -> Any:
-    return lambda value: value in choices
+Field = tuple[tuple[type, ...], Any]
 
 
-def _mapping(fields: dict[str, Any], name: str) -> Any:
-    def check(value: Any) -> bool:
-        _check(value, fields, name)
+def _field(*types: type, check: Any = None) -> Field:
+    return (types, check)
+
+
+def _optional(field: Field) -> Field:
+    types, check = field
+    return ((*types, _NONE), check)
+
+
+def _one_of(*choices: str) -> Field:
+    # Of any type: ``in`` compares a list or a dict as well.
+    return _field(object, check=choices.__contains__)
+
+
+_STR = _field(str)
+_BOOL = _field(bool)
+_INT = _field(int, check=_non_negative)
+_NUMBER = _field(int, float, check=_finite)
+_TIME = _field(int, float, check=_a_time)
+# Checks may answer with any true value: a match here.
+_MAILBOX = _field(str, check=_RECIPIENT_TEXT.fullmatch)
+# The sender: a mailbox, or "" for the null sender <>.
+_SENDER = _field(str, check=lambda value: value == "" or _RECIPIENT_TEXT.fullmatch(value))
+
+
+class _Shape:
+    """The fields of one kind of JSON object (``name`` in errors), and the
+    fields added after FORMAT_VERSION 1 was first written, with the value
+    an object written before them means: old spools keep loading."""
+
+    def __init__(self, name: str, fields: dict[str, Field],
+                 added_later: dict[str, Any] | None = None) -> None:
+        self.name = name
+        self.fields = fields
+        self.keys = fields.keys()
+        self.added_later = tuple((added_later or {}).items())
+        self._values = itemgetter(*fields)
+        self._types = tuple(types for types, _ in fields.values())
+        self._checks = tuple((key, check, _NONE in types)
+                             for key, (types, check) in fields.items()
+                             if check is not None)
+
+    def valid(self, raw: Any) -> bool:
+        """True, or raise as `check` does.  Fields added later are filled
+        in, in ``raw``."""
+        # Every field at once first: this runs for each envelope of a
+        # listing.  Anything amiss, and `check` says what.
+        if not isinstance(raw, dict):
+            return self._wrong(raw)
+        if raw.keys() != self.keys:
+            if not self.added_later or not raw.keys() <= self.keys:
+                return self._wrong(raw)
+            for key, value in self.added_later:
+                raw.setdefault(key, value)
+            if raw.keys() != self.keys:
+                return self._wrong(raw)
+        if not all(map(isinstance, self._values(raw), self._types)):
+            return self._wrong(raw)
+        for key, check, optional in self._checks:
+            value = raw[key]
+            if value is None and optional:
+                continue
+            # A nested object's check raises its own error: every field
+            # before this one has passed, so it is the first wrong one.
+            if not check(value):
+                return self._wrong(raw)
         return True
 
-    return check
+    def _wrong(self, raw: Any) -> bool:
+        self.check(raw)  # raises, saying what is wrong
+        return True
+
+    def check(self, raw: Any) -> None:
+        """Field by field, in order: raise for the first that is wrong."""
+        name = self.name
+        if not isinstance(raw, dict):
+            raise TypeError(f"{name} is not an object")
+        unknown = set(raw) - set(self.fields)
+        if unknown:
+            raise KeyError(f"{name} has unknown fields {sorted(unknown)}")
+        for key, value in self.added_later:
+            raw.setdefault(key, value)
+        for key, (types, check) in self.fields.items():
+            if key not in raw:
+                raise KeyError(f"{name} lacks {key}")
+            value = raw[key]
+            if not isinstance(value, types) or not (
+                    check is None or (value is None and _NONE in types)
+                    or check(value)):
+                raise TypeError(f"{name}.{key} has a bad value {value!r}")
 
 
-def _list_of(check: Any) -> Any:
-    return lambda value: isinstance(value, list) and all(map(check, value))
+def _object(shape: _Shape) -> Field:
+    # Of any type: "is not an object" is the shape's own error.
+    return _field(object, check=shape.valid)
 
 
-_TLS = _optional(_mapping(
-    {"protocol": _is_str, "cipher": _is_str, "bits": _optional(_is_int)}, "tls"))
-_ATTEMPT = {
-    "time": _is_number, "status": _one_of("sent", "deferred", "bounced"),
-    "dsn": _is_str, "reply": _is_str, "policy": _is_str,
-    "relay": _optional(_is_str), "tls": _TLS, "trust": _optional(_is_str),
-    "matched": _optional(_is_str), "rule": _optional(_is_str),
-    "fallback": _optional(_is_str), "connected": _is_bool,
-}
-_RECIPIENT = {
-    "address": _is_address,
+def _list_of(shape: _Shape, at_least: int = 0) -> Field:
+    valid = shape.valid
+    return _field(list, check=lambda value: len(value) >= at_least
+                  and all(map(valid, value)))
+
+
+_TLS = _Shape("tls", {
+    "protocol": _STR, "cipher": _STR, "bits": _optional(_INT),
+})
+_ATTEMPT = _Shape("attempt", {
+    "time": _TIME, "status": _one_of("sent", "deferred", "bounced"),
+    "dsn": _STR, "reply": _STR, "policy": _STR,
+    "relay": _optional(_STR), "tls": _optional(_object(_TLS)),
+    "trust": _optional(_STR), "matched": _optional(_STR),
+    "rule": _optional(_STR), "fallback": _optional(_STR), "connected": _BOOL,
+})
+_RECIPIENT = _Shape("recipient", {
+    "address": _MAILBOX,
     "state": _one_of(PENDING, DEFERRED, DELIVERED, FAILED),
-    "reason": _optional(_is_str), "dsn": _optional(_is_str),
-    "next_attempt": _optional(_is_number),
-    "history": _list_of(_mapping(_ATTEMPT, "attempt")),
-    "notified": _is_bool,
-}
-_CLIENT = {"helo": _is_str, "host": _is_str, "address": _is_str,
-           "listener": _is_str, "tls": _TLS, "user": _optional(_is_str)}
-_ENVELOPE = {
-    "version": _is_int, "queue_id": is_queue_id, "sender": _is_address,
-    "arrival": _is_number, "size": _is_int, "client": _mapping(_CLIENT, "client"),
-    "recipients": lambda value: isinstance(value, list) and len(value) > 0
-    and all(_mapping(_RECIPIENT, "recipient")(item) for item in value),
-    "body": _one_of("7BIT", "8BITMIME"), "hold": _is_bool,
-    "extra": lambda value: isinstance(value, dict),
-    "delay_notified": _is_bool,
-}
-
-# Fields added after FORMAT_VERSION 1 was first written, with the value an
-# envelope written before them means: old spools keep loading.
-_ADDED_LATER: dict[str, dict[str, Any]] = {
-    "recipient": {"notified": False},
-    "envelope": {"delay_notified": False},
-    "client": {"user": None},
-}
-
-
-def _check(raw: Any, fields: dict[str, Any], name: str) -> None:
-    if not isinstance(raw, dict):
-        raise TypeError(f"{name} is not an object")
-    unknown = set(raw) - set(fields)
-    if unknown:
-        raise KeyError(f"{name} has unknown fields {sorted(unknown)}")
-    for key, value in _ADDED_LATER.get(name, {}).items():
-        raw.setdefault(key, value)
-    for key, check in fields.items():
-        if key not in raw:
-            raise KeyError(f"{name} lacks {key}")
-        if not check(raw[key]):
-            raise TypeError(f"{name}.{key} has a bad value {raw[key]!r}")
+    "reason": _optional(_STR), "dsn": _optional(_STR),
+    "next_attempt": _optional(_TIME),
+    "history": _list_of(_ATTEMPT),
+    "notified": _BOOL,
+}, added_later={"notified": False})
+_CLIENT = _Shape("client", {
+    "helo": _STR, "host": _STR, "address": _STR, "listener": _STR,
+    "tls": _optional(_object(_TLS)), "user": _optional(_STR),
+}, added_later={"user": None})
+_ENVELOPE = _Shape("envelope", {
+    "version": _INT, "queue_id": _field(str, check=QUEUE_ID.fullmatch),
+    "sender": _SENDER, "arrival": _TIME, "size": _INT,
+    "client": _object(_CLIENT), "recipients": _list_of(_RECIPIENT, at_least=1),
+    "body": _one_of("7BIT", "8BITMIME"), "hold": _BOOL,
+    "extra": _field(dict), "delay_notified": _BOOL,
+}, added_later={"delay_notified": False})

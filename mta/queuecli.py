@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mta import queueops
-from mta.envelope import Envelope
+from mta.envelope import Envelope, in_field_order
 from mta.queueops import ALL, Operations, Outcome, Selection
 from mta.spool import Spool, SpoolError
 
@@ -126,35 +127,100 @@ def _run(spool: Spool, args: argparse.Namespace) -> int:
 
 
 def list_messages(spool: Spool, selection: Selection, as_json: bool) -> int:
-    envelopes, bad = spool.scan()
-    chosen = [e for e in envelopes if queueops.selects(selection, e)]
+    """Each message printed as it is read (oldest first, as the spool
+    lists them), the unreadable ones after them: memory stays flat
+    whatever the size of the queue.  What is printed is the envelope's
+    checked JSON form (`Spool.scan_checked`): the checks are `load`'s, and
+    no `Envelope` is made."""
     if as_json:
-        print(json.dumps([asdict(envelope) for envelope in chosen], indent=2))
-        for problem in bad:
-            print(f"mta: {problem.queue_id}: unreadable: {problem}",
-                  file=sys.stderr)
-        return 0
-
-    for envelope in chosen:
-        print("\n".join(_summary(envelope)))
-    for problem in bad:
-        print(f"{problem.queue_id}  unreadable: {problem}")
-    counted = (f"{len(chosen)} message(s)" if selection.is_everything
-               else f"{len(chosen)} of {len(envelopes)} message(s)")
-    print(f"-- {counted} in {spool.queue}"
-          + (f", {len(bad)} unreadable" if bad else ""))
+        _list_json(spool, selection)
+    else:
+        _list_text(spool, selection)
     return 0
 
 
-def _summary(envelope: Envelope) -> list[str]:
+def _list_json(spool: Spool, selection: Selection) -> None:
+    # One JSON array, an envelope a line (json.dumps without indent is the
+    # C encoder's work), each as `dataclasses.asdict` of its Envelope.
+    write = sys.stdout.write
+    everything = selection.is_everything
+    bad: list[SpoolError] = []
+    separator = "[\n"
+    for item in spool.scan_checked():
+        if isinstance(item, SpoolError):
+            bad.append(item)
+        elif everything or queueops.selects_checked(selection, item):
+            write(separator)
+            write(json.dumps(in_field_order(item)))
+            separator = ",\n"
+    write("[]\n" if separator == "[\n" else "\n]\n")
+    for problem in bad:
+        print(f"mta: {problem.queue_id}: unreadable: {problem}", file=sys.stderr)
+
+
+# Control characters a client or a server put into the envelope (a HELO
+# name, a reply) or the headers, shown as \xNN: printed raw, ESC and its
+# friends would retitle or clear the operator's terminal.  Tab and line
+# feed stay, for the header block.
+_SHOWN = {code: f"\\x{code:02x}"
+          for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))
+          if code not in (0x09, 0x0A)}
+
+
+def shown(text: str) -> str:
+    return text.translate(_SHOWN)
+
+
+def _list_text(spool: Spool, selection: Selection) -> None:
+    write = sys.stdout.write
+    everything = selection.is_everything
+    when = _Arrivals()
+    bad: list[SpoolError] = []
+    readable = chosen = 0
+    for item in spool.scan_checked():
+        if isinstance(item, SpoolError):
+            bad.append(item)
+            continue
+        readable += 1
+        if everything or queueops.selects_checked(selection, item):
+            write(shown(_summary(item, when)))
+            chosen += 1
+    for problem in bad:
+        print(shown(f"{problem.queue_id}  unreadable: {problem}"))
+    counted = (f"{chosen} message(s)" if everything
+               else f"{chosen} of {readable} message(s)")
+    print(f"-- {counted} in {spool.queue}"
+          + (f", {len(bad)} unreadable" if bad else ""))
+
+
+def _summary(envelope: dict[str, Any], when: Callable[[float], str]) -> str:
+    """A message's lines in `list`, from its checked JSON form."""
     # As mailq: "!" after the id marks a message on hold.
-    hold = "!" if envelope.hold else " "
-    lines = [f"{envelope.queue_id}{hold} {envelope.size:>9} "
-             f"{_when(envelope.arrival)}  <{envelope.sender}>"]
-    for recipient in envelope.recipients:
-        reason = f" ({recipient.reason})" if recipient.reason else ""
-        lines.append(f"    {recipient.state:<9} <{recipient.address}>{reason}")
-    return lines
+    hold = "!" if envelope["hold"] else " "
+    lines = [(f"{envelope['queue_id']}{hold} {envelope['size']:>9} "
+              f"{when(envelope['arrival'])}  <{envelope['sender']}>\n")]
+    for recipient in envelope["recipients"]:
+        reason = f" ({recipient['reason']})" if recipient["reason"] else ""
+        lines.append(f"    {recipient['state']:<9} <{recipient['address']}>"
+                     f"{reason}\n")
+    return "".join(lines)
+
+
+class _Arrivals:
+    """`_when` for one second after another: messages listed in arrival
+    order mostly share their second with the one before."""
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._text = ""
+
+    def __call__(self, seconds: float) -> str:
+        # time.localtime takes the floor of a fraction.
+        second = math.floor(seconds)
+        if second != self._second:
+            self._text = _when(second)
+            self._second = second
+        return self._text
 
 
 # --- show ------------------------------------------------------------------------
@@ -181,9 +247,9 @@ def show_message(spool: Spool, text: str, as_json: bool) -> int:
                   for name, value in header_fields(head)]
         print(json.dumps({**asdict(envelope), "headers": fields}, indent=2))
         return 0
-    print("\n".join(describe(envelope)))
+    print(shown("\n".join(describe(envelope))))
     print("headers:")
-    print(head)
+    print(shown(head))
     return 0
 
 

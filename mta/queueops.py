@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 from mta.envelope import (
     DEFERRED,
@@ -80,12 +80,27 @@ class Selection:
 
 
 def selects(selection: Selection, envelope: Envelope) -> bool:
-    held = HOLD in selection.states and envelope.hold
+    return _selects(selection, envelope.hold,
+                    [(recipient.state, recipient.address)
+                     for recipient in envelope.recipients])
+
+
+def selects_checked(selection: Selection, raw: dict[str, Any]) -> bool:
+    """`selects` for an envelope's checked JSON form
+    (`mta.spool.Spool.scan_checked`), with no `Envelope` made."""
+    return _selects(selection, raw["hold"],
+                    [(recipient["state"], recipient["address"])
+                     for recipient in raw["recipients"]])
+
+
+def _selects(selection: Selection, hold: bool,
+             recipients: list[tuple[str, str]]) -> bool:
+    # recipients: (state, address) of each.
+    held = HOLD in selection.states and hold
     return any(
-        (held or not selection.states or recipient.state in selection.states)
-        and (not selection.domains
-             or _domain(recipient.address) in selection.domains)
-        for recipient in envelope.recipients
+        (held or not selection.states or state in selection.states)
+        and (not selection.domains or _domain(address) in selection.domains)
+        for state, address in recipients
     )
 
 

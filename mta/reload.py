@@ -34,8 +34,10 @@ from cryptography import x509
 from twisted.internet import threads
 
 from mta.certcheck import expiry_warning as expiry_warning  # for the tests
-from mta.certcheck import leaf_certificate, warnings_for
+from mta.certcheck import warnings_for
 from mta.config import Config, ConfigError, MetricsEndpoint, load_config
+from mta.configfiles import read_regular
+from mta.configreader import shortened
 from mta.connectioncache import ConnectionCache
 from mta.delivery import Deliverer
 from mta.filemodes import warn_if_users_exposed
@@ -71,7 +73,9 @@ def build(config: Config, reactor: Any) -> Running:
             resolve=partial(resolve_targets, resolver),
             session=connections.session,
         ),
-        certificate=leaf_certificate(config.tls.certificate),
+        # Read as the contexts read it: a FIFO is refused, not waited on.
+        certificate=x509.load_pem_x509_certificates(
+            read_regular(config.tls.certificate))[0],
         connections=connections,
     )
 
@@ -164,21 +168,39 @@ class Reloader:
         self.in_use = in_use or current().config
         self._busy = False
         self._again = False
+        self._started = 0.0
 
     def request(self) -> None:
         """Reload now, or after the reload under way.  Reactor thread."""
         if self._busy:
             self._again = True
+            under_way = self.reactor.seconds() - self._started
+            # Never silent: a reload that does not end is seen at the next.
+            log_event("warn" if under_way > 30 else "info",
+                      f"reload: another is under way (for {under_way:.0f}s); "
+                      "this one follows it", "reload")
             return
         self._busy = True
-        path = self.current().config.path
-        loading = threads.deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), load, path, self.reactor
-        )
-        loading.addCallbacks(self._loaded, self._refused, errbackArgs=(path,))
+        self._started = self.reactor.seconds()
+        path: Path | str = "(unknown)"
+        try:
+            path = self.current().config.path
+            loading = threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), load, path,
+                self.reactor
+            )
+        except Exception as error:
+            # Nothing runs that would clear the flag: clear it here, or
+            # every later SIGHUP would wait for this one for ever.
+            self._busy = False
+            self._failed(error, path)
+            return
+        loading.addCallbacks(self._loaded, self._refused,
+                             callbackArgs=(path,), errbackArgs=(path,))
+        loading.addErrback(lambda failure: self._failed(failure.value, path))
         loading.addBoth(self._done)
 
-    def _loaded(self, running: Running) -> None:
+    def _loaded(self, running: Running, path: Path) -> None:
         self.install(running)
         log_event("info", f"reload: ok config={running.config.path}", "reload")
         for change in needs_restart(self.in_use, running.config):
@@ -190,17 +212,26 @@ class Reloader:
 
     def _refused(self, failure: Any, path: Path) -> None:
         error = failure.value
-        if isinstance(error, ConfigError):
-            # config= names the file: each problem says only where in it,
-            # unless it is about another file (a recipient list).
-            reason = "; ".join(problem.removeprefix(f"{path}: ")
-                               for problem in error.problems)
-        else:
-            reason = f"{path}: {error!r}"
+        if not isinstance(error, ConfigError):
+            self._failed(error, path)
+            return
+        # config= names the file: each problem says only where in it,
+        # unless it is about another file (a recipient list).
+        reason = "; ".join(problem.removeprefix(f"{path}: ")
+                           for problem in error.problems)
         # One line, whatever the YAML parser's message looks like.
         reason = re.sub(r"\s*\n\s*", " ", reason)
         log_event("error", f"reload: refused config={path}: {reason}; the "
                   "running configuration stays in force", "reload",
+                  config=str(path))
+
+    def _failed(self, error: BaseException, path: Path | str) -> None:
+        """One line for what no check foresaw (a bug, memory, a file that
+        changed under the reader): the reload did not happen."""
+        what = re.sub(r"\s*\n\s*", " ",
+                      shortened(f"{type(error).__name__}: {error}"))
+        log_event("error", f"reload: refused config={path}: unexpected {what}; "
+                  "the running configuration stays in force", "reload",
                   config=str(path))
 
     def _done(self, _: object) -> None:

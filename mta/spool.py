@@ -33,9 +33,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
-from mta.envelope import Envelope, due_time, from_json, is_queue_id, to_json
+from mta.envelope import (
+    Envelope,
+    checked_json,
+    due_time,
+    from_checked,
+    is_queue_id,
+    to_json,
+)
 
 
 class SpoolError(Exception):
@@ -127,20 +134,43 @@ def _write_durably(path: Path, data: bytes, mtime: float | None = None) -> None:
         raise
 
 
-def _read_regular(path: Path) -> bytes:
+def _read_regular(path: str, folder: int | None = None) -> bytes:
     """The bytes of a regular file.  Anything else in the spool (a FIFO,
-    a device, a folder, a symbolic link) is `SpoolError`: opening a FIFO
-    would block the reactor, and a link may point anywhere."""
+    a device, a symbolic link) is `SpoolError`: opening a FIFO would block
+    the reactor, and a link may point anywhere.  A folder is
+    `IsADirectoryError`, as reading it always was.
+
+    ``path`` is relative to the open ``folder`` when it is given.  Plain
+    descriptors, no file object: `mta queue list` reads every envelope of
+    the spool this way."""
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW,
+                             dir_fd=folder)
     except OSError as error:
         if error.errno in (errno.ELOOP, errno.ENXIO):
-            raise SpoolError(f"{path.name} is not a regular file") from None
+            raise SpoolError(f"{os.path.basename(path)} is not a regular "
+                             "file") from None
         raise
-    with os.fdopen(descriptor, "rb") as stream:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise SpoolError(f"{path.name} is not a regular file")
-        return stream.read()
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            if stat.S_ISDIR(status.st_mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR),
+                                        path)
+            raise SpoolError(f"{os.path.basename(path)} is not a regular file")
+        # One read for the size fstat gave, one byte more to see the end;
+        # only a file that changed meanwhile needs more.
+        size = status.st_size
+        data = os.read(descriptor, size + 1)
+        if len(data) == size:
+            return data
+        chunks = [data]
+        while data:
+            data = os.read(descriptor, max(size, 65536))
+            chunks.append(data)
+        return b"".join(chunks)
+    finally:
+        os.close(descriptor)
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -166,6 +196,9 @@ class Spool:
         self.queue = self.root / "queue"
         self.corrupt = self.root / "corrupt"
         self.queue_sync = FolderSync(self.queue)
+        # The queue folder as a string ending in "/": the names of its
+        # files without a Path each (a listing reads them all).
+        self._queue_prefix = os.path.join(self.queue, "")
 
     def create(self) -> None:
         for folder in (self.root, self.tmp, self.queue, self.corrupt):
@@ -208,21 +241,30 @@ class Spool:
         `SpoolError` when the file cannot be an envelope (quarantine it),
         another `OSError` when it cannot be read now (permissions, no file
         descriptor left: try again later)."""
+        return from_checked(self.load_checked(queue_id))
+
+    def load_checked(self, queue_id: str) -> dict[str, Any]:
+        """As `load`, with the same checks and errors, but the envelope's
+        checked JSON form (`mta.envelope.checked_json`) rather than an
+        `Envelope`."""
+        return self._load_checked(queue_id, None)
+
+    def _load_checked(self, queue_id: str, folder: int | None) -> dict[str, Any]:
+        # folder: the queue folder, open (names relative to it), or None.
         if not is_queue_id(queue_id):
             raise SpoolError(f"{queue_id!r}: not a queue id", queue_id)
+        name = (f"{queue_id}.env" if folder is not None
+                else f"{self._queue_prefix}{queue_id}.env")
         try:
-            data = _read_regular(self.envelope_path(queue_id))
-            envelope = from_json(data)
-        except SpoolError as error:
-            raise SpoolError(f"{queue_id}: {error}", queue_id) from None
-        except ValueError as error:
+            raw = checked_json(_read_regular(name, folder))
+        except (SpoolError, ValueError) as error:
             raise SpoolError(f"{queue_id}: {error}", queue_id) from None
         # The name decides which files are the message's: an envelope that
         # names another message would act on that one's files.
-        if envelope.queue_id != queue_id:
+        if raw["queue_id"] != queue_id:
             raise SpoolError(f"{queue_id}: the envelope names another message, "
-                             f"{envelope.queue_id}", queue_id)
-        return envelope
+                             f"{raw['queue_id']}", queue_id)
+        return raw
 
     def earliest_due(self, limit: int) -> list[tuple[float, str]]:
         """The ``limit`` messages due soonest, as (due, queue id), from the
@@ -264,37 +306,68 @@ class Spool:
         each one that cannot be used (unreadable envelope, missing or
         short message file)."""
         envelopes, bad = [], []
-        for queue_id in self.queue_ids():
-            try:
-                envelope = self.load(queue_id)
-                self.check_message(envelope)
-            except FileNotFoundError:
-                continue  # removed while we looked
-            except SpoolError as error:
-                bad.append(error)
-                continue
-            except OSError as error:
-                # Unreadable for this process (permissions): say so and go
-                # on; it is no reason to quarantine anything.
-                bad.append(Unreadable(f"{queue_id}: cannot read: "
-                                      f"{error.strerror or error}", queue_id))
-                continue
-            envelopes.append(envelope)
+        for item in self.scan_checked():
+            if isinstance(item, SpoolError):
+                bad.append(item)
+            else:
+                envelopes.append(from_checked(item))
         return envelopes, bad
+
+    def scan_checked(self) -> Iterator[dict[str, Any] | SpoolError]:
+        """`scan` one message at a time, oldest first, in constant memory:
+        for each, its envelope's checked JSON form (`load_checked`) once
+        its message file is found whole, or the `SpoolError` that `scan`
+        would report for it.  The queue is listed at the call."""
+        return self._scan_checked(self.queue_ids())
+
+    def _scan_checked(
+        self, queue_ids: list[str]
+    ) -> Iterator[dict[str, Any] | SpoolError]:
+        if not queue_ids:
+            return
+        try:
+            # File names relative to the folder: no path to walk for each.
+            folder = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return  # removed since it was listed
+        try:
+            for queue_id in queue_ids:
+                try:
+                    raw = self._load_checked(queue_id, folder)
+                    self._check_message_file(queue_id, raw["size"], folder)
+                except FileNotFoundError:
+                    continue  # removed while we looked
+                except SpoolError as error:
+                    yield error
+                    continue
+                except OSError as error:
+                    # Unreadable for this process (permissions): say so and
+                    # go on; it is no reason to quarantine anything.
+                    yield Unreadable(f"{queue_id}: cannot read: "
+                                     f"{error.strerror or error}", queue_id)
+                    continue
+                yield raw
+        finally:
+            os.close(folder)
 
     def check_message(self, envelope: Envelope) -> None:
         """Raise `SpoolError` unless the message file is there, whole: its
         size is recorded in the envelope when it is committed."""
-        queue_id = envelope.queue_id
+        self._check_message_file(envelope.queue_id, envelope.size, None)
+
+    def _check_message_file(self, queue_id: str, expected: int,
+                            folder: int | None) -> None:
+        name = (f"{queue_id}.msg" if folder is not None
+                else f"{self._queue_prefix}{queue_id}.msg")
         try:
-            size = self.message_path(queue_id).stat().st_size
+            size = os.stat(name, dir_fd=folder).st_size
         except FileNotFoundError:
             if self.envelope_path(queue_id).exists():
                 raise SpoolError(f"{queue_id}: message file is missing") from None
             raise
-        if size != envelope.size:
+        if size != expected:
             raise SpoolError(f"{queue_id}: message file has {size} bytes, the "
-                             f"envelope says {envelope.size}")
+                             f"envelope says {expected}")
 
     def save(self, envelope: Envelope) -> None:
         """Replace the envelope durably (temporary file, fsync, rename,
@@ -337,14 +410,24 @@ class Spool:
     def clean_orphans(self, older_than: float = 3600.0) -> list[str]:
         """Remove what a crash left half-written: temporary files, and
         message files without an envelope.  Only old ones, since another
-        process may be committing right now."""
+        process may be committing right now.
+
+        Run as the relay starts, over the whole queue: names only, the
+        envelopes' ids in a set and then the message files not in it, and
+        a `Path` and an lstat only for those few."""
         removed = []
         limit = time.time() - older_than
-        envelopes = set(self.queue_ids())
-        candidates = list(self.tmp.iterdir()) + [
-            path for path in self.queue.glob("*.msg")
-            if path.name[:-4] not in envelopes
-        ]
+        candidates = list(self.tmp.iterdir())
+        try:
+            with os.scandir(self.queue) as entries:
+                envelopes = {entry.name[:-4] for entry in entries
+                             if entry.name.endswith(".env")}
+            with os.scandir(self.queue) as entries:
+                candidates += [self.queue / entry.name for entry in entries
+                               if entry.name.endswith(".msg")
+                               and entry.name[:-4] not in envelopes]
+        except FileNotFoundError:
+            pass  # no queue folder: no message files either
         for path in candidates:
             try:
                 # Only our own files: a folder or anything else someone put

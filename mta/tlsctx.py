@@ -5,6 +5,10 @@ ordered cipher lists.  The server side picks in our order (server
 preference); the client side offers in our order and sends SNI.  A Context
 cannot change once a Connection used it, so a new configuration gets new
 contexts.
+
+The certificate, key and trust bundle are read by us (`read_regular`),
+never by OpenSSL from their paths: a FIFO or a device put in their place
+is refused without blocking, at a check or a reload alike.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from zope.interface import implementer
 from twisted.internet.interfaces import (
@@ -24,6 +30,7 @@ from twisted.internet.interfaces import (
 )
 
 from mta.config import TLSConfig
+from mta.configfiles import read_regular
 
 _VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
 
@@ -48,8 +55,8 @@ def _base_context(tls: TLSConfig) -> SSL.Context:
 def server_context(tls: TLSConfig) -> SSL.Context:
     context = _base_context(tls)
     context.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
-    context.use_certificate_chain_file(str(tls.certificate))
-    context.use_privatekey_file(str(tls.private_key))
+    _use_chain(context, read_regular(tls.certificate))
+    _use_key(context, read_regular(tls.private_key))
     context.check_privatekey()
     # A client certificate is neither asked for nor checked on SMTP.
     context.set_verify(SSL.VERIFY_NONE)
@@ -65,11 +72,38 @@ def client_context(tls: TLSConfig) -> SSL.Context:
     if tls.trust is None:
         context.set_default_verify_paths()
     else:
-        context.load_verify_locations(str(tls.trust))
+        _use_trust(context, read_regular(tls.trust))
     # Each connection gets a verify callback bound to its own facts (see
     # `ClientCreator`); this one only stands in until then.
     context.set_verify(SSL.VERIFY_PEER, lambda *args: True)
     return context
+
+
+def _use_chain(context: SSL.Context, data: bytes) -> None:
+    """The PEM chain in ``data``, the relay's own certificate first, as
+    `SSL_CTX_use_certificate_chain_file` takes it (other PEM blocks, such
+    as a key in the same file, are passed over).  ValueError when it holds
+    no certificate."""
+    own, *chain = x509.load_pem_x509_certificates(data)
+    context.use_certificate(own)
+    for certificate in chain:
+        context.add_extra_chain_cert(certificate)
+
+
+def _use_key(context: SSL.Context, data: bytes) -> None:
+    """The PEM private key in ``data`` (not encrypted: the relay asks for
+    no passphrase); ValueError or TypeError when there is none."""
+    key = serialization.load_pem_private_key(data, password=None)
+    context.use_privatekey(key)  # type: ignore[arg-type]
+
+
+def _use_trust(context: SSL.Context, data: bytes) -> None:
+    """Each PEM certificate in ``data`` as a trust anchor, as
+    `load_verify_locations` takes a bundle; ValueError when none is."""
+    store = context.get_cert_store()
+    assert store is not None
+    for certificate in x509.load_pem_x509_certificates(data):
+        store.add_cert(crypto.X509.from_cryptography(certificate))
 
 
 # The X509_V_ERR numbers a delivery meets in practice, in OpenSSL's words.
@@ -164,7 +198,7 @@ def _check_files(tls: TLSConfig) -> list[str]:
     files = {"certificate": tls.certificate, "private_key": tls.private_key}
     for key, path in files.items():
         try:
-            data = path.read_bytes()
+            data = read_regular(path)  # never blocks on a FIFO or a device
         except OSError as error:
             problems.append(f"tls.{key}: cannot read {path}: {error.strerror}; "
                             + _unreadable_hint(key, error, files))
@@ -219,13 +253,22 @@ def _check_key_pair(tls: TLSConfig) -> list[str]:
     # bad list is never reported as a key that does not match.
     context = SSL.Context(SSL.TLS_METHOD)
     try:
-        context.use_certificate_chain_file(str(tls.certificate))
-    except SSL.Error as error:
+        _use_chain(context, read_regular(tls.certificate))
+    except OSError as error:
+        return [f"tls.certificate: cannot read {tls.certificate}: "
+                f"{error.strerror}"]
+    except (SSL.Error, ValueError) as error:
         return [f"tls.certificate: {tls.certificate} cannot be used "
                 f"({_ssl_reason(error)})"]
     try:
-        context.use_privatekey_file(str(tls.private_key))
+        _use_key(context, read_regular(tls.private_key))
         context.check_privatekey()
+    except OSError as error:
+        return [f"tls.private_key: cannot read {tls.private_key}: "
+                f"{error.strerror}"]
+    except (ValueError, TypeError):
+        return [f"tls.private_key: {tls.private_key} holds no usable PEM key "
+                "(one without a passphrase)"]
     except SSL.Error as error:
         return [f"tls.private_key: {tls.private_key} does not match "
                 f"tls.certificate {tls.certificate} ({_ssl_reason(error)})"]
@@ -236,8 +279,10 @@ def _check_trust(tls: TLSConfig) -> list[str]:
     if tls.trust is None:
         return []
     try:
-        SSL.Context(SSL.TLS_METHOD).load_verify_locations(str(tls.trust))
-    except SSL.Error as error:
+        _use_trust(SSL.Context(SSL.TLS_METHOD), read_regular(tls.trust))
+    except OSError as error:
+        return [f"tls.trust: cannot read {tls.trust}: {error.strerror}"]
+    except (SSL.Error, crypto.Error, ValueError) as error:
         return [f"tls.trust: {tls.trust} holds no usable CA certificates "
                 f"({_ssl_reason(error)})"]
     return []
@@ -306,7 +351,9 @@ def _cipher_hint(key: str, dropped: list[str]) -> str:
     return "; write OpenSSL's names, one per entry, not a cipher string"
 
 
-def _ssl_reason(error: SSL.Error) -> str:
+def _ssl_reason(error: Exception) -> str:
+    if isinstance(error, ValueError):  # from cryptography's PEM reader
+        return "no PEM certificate in it"
     try:
         return str(error.args[0][0][2])
     except (IndexError, TypeError):

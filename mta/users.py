@@ -27,7 +27,8 @@ from typing import Any
 
 import yaml
 
-from mta.configreader import Reader, load_yaml
+from mta.configfiles import read_regular_text
+from mta.configreader import Reader, load_yaml, yaml_problem
 from mta.passwords import DEFAULT_PARAMETERS, PasswordHash, decoy, parse_hash
 
 # An address or a plain login: what people type, and safe in a log line.
@@ -89,7 +90,8 @@ def load_users(path: Path) -> Users:
 
 def read_hashes(path: Path, missing_ok: bool) -> dict[str, PasswordHash]:
     try:
-        text = path.read_text(encoding="utf-8")
+        # Never blocks: a FIFO or a device is refused, not waited on.
+        text = read_regular_text(path)
     except FileNotFoundError:
         if missing_ok:
             return {}
@@ -102,7 +104,7 @@ def read_hashes(path: Path, missing_ok: bool) -> dict[str, PasswordHash]:
     try:
         raw, duplicates = load_yaml(text, path)
     except yaml.YAMLError as error:
-        raise UsersFileError([f"{path}: not valid YAML: {error}"]) from None
+        raise UsersFileError([f"{path}: {yaml_problem(error)}"]) from None
     reader = Reader(path)
     for key, what in duplicates:
         reader.problem(key, what)

@@ -1475,3 +1475,80 @@ def test_received_protocol_names(esmtp: bool, tls: bool, authenticated: bool,
 
     facts = TLSFacts("TLSv1.3", "TLS_AES_128_GCM_SHA256") if tls else None
     assert protocol_name(esmtp, facts, authenticated) == expected
+
+
+# --- a users file that is hostile or not a file -----------------------------------
+
+
+def _laughs(levels: int) -> str:
+    lines = ["l1: &l1 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for level in range(2, levels + 1):
+        lines.append(f"l{level}: &l{level} [" + ", ".join(
+            [f"*l{level - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("users: {alice: " + "[" * 600 + "]" * 600 + "}\n",
+         "nesting too deep: more than 64 levels of lists and mappings (line 1"),
+        ("users: &u {alice: *u}\n",
+         "nesting too deep: an alias inside its own anchor never ends"),
+        (_laughs(7) + "users: *l7\n", "too big: its aliases stand for more "
+         "than 1,000,000 values"),
+        (_laughs(5) + "users: *l5\n",
+         "users: expected a mapping of user name: hash (got [[[...], [...], "),
+        ("users: {alice: 2024-13-45}\n", "not valid YAML: a value cannot be "
+         "read: month must be in 1..12"),
+    ],
+    ids=["deep", "cycle", "laughs", "few-laughs", "bad-date"],
+)
+def test_a_hostile_users_file_is_one_short_problem(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    path = tmp_path / "users.yaml"
+    path.write_text(text)
+    with pytest.raises(UsersFileError) as raised:
+        load_users(path)
+    problems = [line for line in raised.value.problems
+                if not line.startswith(f"{path}: l")]  # the anchors' own keys
+    assert len(problems) == 1, raised.value.problems
+    assert problems[0].startswith(f"{path}: ") and problem in problems[0], \
+        problems
+    assert all(len(line) < 600 for line in raised.value.problems)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_users_file_that_is_not_a_file_is_refused_at_once(
+    config_file: Path, kind: str
+) -> None:
+    users = config_file.parent / "users.yaml"
+    if kind == "fifo":
+        os.mkfifo(users)
+        words = "not a regular file but a FIFO (named pipe)"
+    else:
+        users.mkdir()
+        words = "Is a directory"
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError("load_users is blocked on the file")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(5)  # opening a FIFO waits for a writer: fail, not hang
+    try:
+        with pytest.raises(UsersFileError) as raised:
+            load_users(users)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert raised.value.problems == (f"{users}: cannot read: {words}",)
+
+    started = time.monotonic()
+    listed = mta("users", "list", "--config", str(config_file))
+    assert listed.returncode == 1
+    assert f"{users}: cannot read: {words}" in listed.stderr
+    checked = mta("check-config", "--config", str(config_file))
+    assert checked.returncode == 1
+    assert f"listeners[1].auth: cannot read: {words} (got '{users}')" \
+        in checked.stdout
+    assert time.monotonic() - started < 30

@@ -8,10 +8,13 @@ pyOpenSSL uses.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import shutil
+import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import trustme
@@ -21,7 +24,7 @@ from OpenSSL import SSL
 from mta.config import DEFAULT_CIPHERS, DEFAULT_CIPHERSUITES, ConfigError, load_config
 from mta.configvalues import HostPort, parse_duration, parse_hostport, parse_size
 from mta.selfsigned import write_self_signed
-from mta.tlsctx import check_tls_config
+from mta.tlsctx import check_tls_config, client_context, server_context
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -519,8 +522,34 @@ BAD_VALUES = [
      ["delivery.destination_failure_limit: expected a whole number",
       "(got 2.5)"]),
     (("delivery",), {"destination_backoff": "0s"},
-     ["delivery.destination_backoff: a suspension must last more than zero "
-      "seconds", "(got '0s')"]),
+     ["delivery.destination_backoff: a suspension must last at least 1s",
+      "(got '0s')"]),
+    # zero (or next to it) where it has no meaning: a retry without pause,
+    # a connection kept for no time
+    (("delivery",), {"retry_schedule": ["0s"]},
+     ["delivery.retry_schedule[0]: a retry step must last at least 1s: a "
+      "shorter one would make the relay try again without pause",
+      "(got '0s')"]),
+    (("delivery",), {"retry_schedule": ["1m", "500ms"]},
+     ["delivery.retry_schedule[1]: a retry step must last at least 1s",
+      "(got '500ms')"]),
+    (("delivery",), {"retry_schedule": [0]},
+     ["delivery.retry_schedule[0]: a retry step must last at least 1s",
+      "(got 0)"]),
+    (("delivery",), {"destination_max_backoff": "0.5s"},
+     ["delivery.destination_max_backoff: a suspension must last at least 1s",
+      "(got '0.5s')"]),
+    (("delivery",), {"connection_reuse": {"idle": "0s"}},
+     ["delivery.connection_reuse.idle: must be above zero; to reuse no "
+      "connection, set delivery.connection_reuse.messages: 1", "(got '0s')"]),
+    (("delivery",), {"connection_reuse": {"lifetime": 0}},
+     ["delivery.connection_reuse.lifetime: must be above zero", "(got 0)"]),
+    (("delivery",), {"timeouts": {"connect": "0s"}},
+     ["delivery.timeouts.connect: a timeout must be above zero",
+      "(got '0s')"]),
+    (("delivery",), {"timeouts": {"command": "0ms"}},
+     ["delivery.timeouts.command: a timeout must be above zero",
+      "(got '0ms')"]),
     (("delivery",), {"destination_backoff": "10m",
                      "destination_max_backoff": "1m"},
      ["delivery.destination_max_backoff: must not be shorter than "
@@ -1026,3 +1055,434 @@ def test_a_relay_to_that_is_a_proxy_address_is_refused(folder: Path) -> None:
     assert_reported(problems_of(path), path,
                     "domains.example.com.relay_to: is this relay's own "
                     "203.0.113.5:25 (proxy_addresses)")
+
+
+# --- zero where it means nothing ------------------------------------------------
+
+
+def test_a_zero_keeps_its_documented_meaning(folder: Path) -> None:
+    """0s stays "at once" or "off" where the README says so; the refusals
+    are in BAD_VALUES."""
+    data = base_config()
+    data["delivery"] = {"plaintext_fallback_delay": "0s",
+                        "connection_reuse": {"tls_sessions": "0s"},
+                        "retry_schedule": ["1s"]}
+    data["notices"] = {"delay_warning": "0s"}
+    data["limits"] = {"auth_failure_delay": "0s"}
+    config = load_config(write(folder, data))
+    assert config.delivery.plaintext_fallback_delay == 0.0
+    assert config.delivery.connection_reuse.tls_sessions == 0.0
+    assert config.delivery.retry_schedule == (1.0,)
+    assert config.notices.delay_warning == 0.0
+    assert config.limits.auth_failure_delay == 0.0
+
+
+# --- files that are not regular files --------------------------------------------
+
+
+@contextlib.contextmanager
+def within(seconds: float) -> Iterator[None]:
+    """Fail instead of hanging: opening a FIFO waits for a writer."""
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"still blocked after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _special(folder: Path, kind: str, name: str) -> Path:
+    path = folder / name
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/null")  # a character device behind a link
+    else:
+        path.mkdir()
+    return path.resolve()  # as the configuration names it
+
+
+SPECIAL_WORDS = {
+    "fifo": "not a regular file but a FIFO (named pipe)",
+    "device": "not a regular file but a character device",
+    "folder": "Is a directory",
+}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+@pytest.mark.parametrize("key", ["certificate", "private_key"])
+def test_a_certificate_or_key_that_is_not_a_regular_file_is_refused(
+    folder: Path, key: str, kind: str
+) -> None:
+    name = "tls/relay.crt" if key == "certificate" else "tls/relay.key"
+    target = _special(folder, kind, name)
+    path = write(folder, base_config())
+    with within(5):
+        problems = problems_of(path)
+    assert_reported(problems, path, f"tls.{key}: cannot read {target}: "
+                    + SPECIAL_WORDS[kind])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_a_trust_bundle_that_is_not_a_regular_file_is_refused(
+    folder: Path, kind: str
+) -> None:
+    target = _special(folder, kind, "tls/ca.pem")
+    path = write(folder, changed(("tls", "trust"), "tls/ca.pem"))
+    with within(5):
+        problems = problems_of(path)
+    assert problems == (f"{path}: tls.trust: cannot read: {SPECIAL_WORDS[kind]} "
+                        f"(got '{target}')",)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_a_recipients_file_that_is_not_a_regular_file_is_refused(
+    folder: Path, kind: str
+) -> None:
+    target = _special(folder, kind, "users.txt")
+    path = write(folder, changed(("domains", "example.com", "recipients"),
+                                 "users.txt"))
+    with within(5):
+        problems = problems_of(path)
+    assert problems == (f"{path}: domains.example.com.recipients: cannot read: "
+                        f"{SPECIAL_WORDS[kind]} (got '{target}')",)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_a_users_file_that_is_not_a_regular_file_is_refused(
+    folder: Path, kind: str
+) -> None:
+    target = _special(folder, kind, "users.yaml")
+    data = base_config()
+    data["listeners"].append({"name": "sub", "address": "127.0.0.1",
+                              "port": 2587, "role": "outbound",
+                              "auth": "users.yaml"})
+    path = write(folder, data)
+    with within(5):
+        problems = problems_of(path)
+    assert problems == (f"{path}: listeners[1].auth: cannot read: "
+                        f"{SPECIAL_WORDS[kind]} (got '{target}')",)
+
+
+def test_a_configuration_file_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
+    path = _special(tmp_path, "fifo", "mta.yaml")
+    with within(5):
+        problems = problems_of(path)
+    assert problems == (f"{path}: cannot read: {SPECIAL_WORDS['fifo']}",)
+
+
+def test_symbolic_links_to_regular_files_still_work(folder: Path) -> None:
+    """certbot's live/ folder holds links into archive/."""
+    archive, live = folder / "archive", folder / "live"
+    archive.mkdir()
+    live.mkdir()
+    for name in ("relay.crt", "relay.key"):
+        shutil.move(folder / "tls" / name, archive / name)
+        (live / name).symlink_to(archive / name)
+    shutil.copy(archive / "relay.crt", archive / "ca.pem")
+    (live / "ca.pem").symlink_to(archive / "ca.pem")
+    (archive / "users.txt").write_text("alice@example.com\n")
+    (folder / "users.txt").symlink_to(archive / "users.txt")
+    data = base_config()
+    data["tls"] = {"certificate": "live/relay.crt",
+                   "private_key": "live/relay.key", "trust": "live/ca.pem"}
+    data["domains"]["example.com"]["recipients"] = "users.txt"
+
+    config = load_config(write(folder, data))
+
+    assert config.tls.certificate == (archive / "relay.crt").resolve()
+    assert config.domains["example.com"].recipients == {"alice@example.com"}
+    # The contexts are built from the files behind the links too.
+    server_context(config.tls)
+    client_context(config.tls)
+
+
+def test_the_contexts_never_wait_on_a_fifo_swapped_in(folder: Path) -> None:
+    """A FIFO put in place of the certificate after the check (a reload
+    builds its contexts after reading the file) is refused, not waited
+    on."""
+    config = load_config(write(folder, changed(("tls", "trust"), "tls/relay.crt")))
+    for name in ("relay.crt", "relay.key"):
+        keep = folder / "tls" / name
+        shutil.move(keep, folder / name)
+        os.mkfifo(keep)
+        with within(5), pytest.raises(OSError, match="FIFO"):
+            server_context(config.tls)
+        if name == "relay.crt":
+            with within(5), pytest.raises(OSError, match="FIFO"):
+                client_context(config.tls)
+        keep.unlink()
+        shutil.move(folder / name, keep)
+
+
+# --- YAML that is too deep or too big ---------------------------------------------
+
+
+def _deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+def _laughs(levels: int) -> str:
+    """Anchors nested ``levels`` deep, each nine aliases of the one
+    before: a few hundred bytes that stand for 9**levels values."""
+    lines = ["laughs:", "  l1: &l1 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for level in range(2, levels + 1):
+        aliases = ", ".join([f"*l{level - 1}"] * 9)
+        lines.append(f"  l{level}: &l{level} [{aliases}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("where", ["hostname: {}", "colour: {}",
+                                   "limits: {{recipients: {}}}",
+                                   "policies: [{}]"])
+def test_nesting_too_deep_is_one_problem(folder: Path, where: str) -> None:
+    path = folder / "mta.yaml"
+    path.write_text(yaml.safe_dump(base_config()).replace("hostname: ", "x: ")
+                    + where.format(_deep(600)) + "\n")
+    problems = problems_of(path)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{path}: nesting too deep: more than 64 "
+                                  "levels of lists and mappings (line ")
+
+
+def test_aliases_nested_too_deep_are_one_problem(folder: Path) -> None:
+    chain = "".join(f"  a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 600))
+    path = folder / "mta.yaml"
+    path.write_text(yaml.safe_dump(base_config()) + "chain:\n  a0: &a0 [x]\n"
+                    + chain)
+    problems = problems_of(path)
+    assert len(problems) == 1, problems
+    assert "nesting too deep" in problems[0]
+
+
+def test_an_alias_inside_its_own_anchor_is_one_problem(folder: Path) -> None:
+    path = folder / "mta.yaml"
+    text = yaml.safe_dump(base_config())
+    path.write_text(text + "colour: &a [*a]\n")
+    line = len(text.splitlines()) + 1
+    assert problems_of(path) == (
+        f"{path}: nesting too deep: an alias inside its own anchor never "
+        f"ends (line {line}, column 9)",)
+
+
+@pytest.mark.parametrize("levels", [5, 6, 7])
+@pytest.mark.parametrize("key", ["hostname", "colour", "limits", "listeners",
+                                 "domains", "policies", "proxy_addresses"])
+def test_a_billion_laughs_gives_short_problems(
+    folder: Path, key: str, levels: int
+) -> None:
+    data = base_config()
+    data.pop(key, None)
+    path = folder / "mta.yaml"
+    path.write_text(yaml.safe_dump(data) + _laughs(levels)
+                    + f"{key}: *l{levels}\n")
+
+    problems = problems_of(path, check_tls=False)
+
+    assert all(len(problem) < 600 for problem in problems), \
+        [len(problem) for problem in problems]
+    if levels > 5:  # a million values or more: refused before it is read
+        # (9 levels, 387 million, would take the unfixed reader all memory)
+        assert problems == (
+            f"{path}: too big: its aliases stand for more than 1,000,000 "
+            "values (anchors and aliases nested into each other, as in a "
+            "\"billion laughs\" file)",)
+    else:
+        assert_reported(problems, path, "laughs: unknown key")
+        if key != "colour":
+            # A few items of a few levels, then "…": never the whole.
+            assert_reported(problems, path, f"{key}", "(got [[[...], [...], ",
+                            "…)")
+
+
+def test_a_long_value_or_key_is_cut_short(folder: Path) -> None:
+    data = changed(("hostname",), "h" * 5000 + "!")
+    data["domains"]["d" * 5000 + "!"] = {"relay_to": ["mx.example.com"]}
+    problems = problems_of(write(folder, data))
+    assert len(problems) == 2, problems
+    assert all(len(problem) < 700 for problem in problems), problems
+    assert_reported(problems, folder / "mta.yaml", "hostname: expected a host "
+                    "name", "(got 'hhhhhhhh", "...hhhh", "h!')")
+    assert_reported(problems, folder / "mta.yaml", ": domains.dddddddd", "dddd…: ",
+                    "(got 'dddd")
+
+
+@pytest.mark.parametrize("value", ["2024-13-45", "1" * 5000])
+def test_a_value_yaml_cannot_build_is_one_problem(
+    folder: Path, value: str
+) -> None:
+    path = folder / "mta.yaml"
+    path.write_text(yaml.safe_dump(base_config()) + f"colour: {value}\n")
+    problems = problems_of(path)
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{path}: not valid YAML: a value cannot be "
+                                  "read: ")
+
+
+@pytest.mark.parametrize("command", [
+    ["check-config"], ["queue", "list"], ["policy", "explain", "a@example.com"],
+    ["users", "list"],
+])
+def test_every_command_reports_deep_yaml_in_one_line(
+    folder: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    from mta.cli import main
+
+    path = folder / "mta.yaml"
+    text = yaml.safe_dump(base_config())
+    path.write_text(text + f"colour: {_deep(600)}\n")
+    line = len(text.splitlines()) + 1
+
+    assert main(["--config", str(path), *command]) == 1
+
+    out, err = capsys.readouterr()
+    assert (out + err).strip() == (
+        f"{path}: nesting too deep: more than 64 levels of lists and mappings "
+        f"(line {line}, column 72), aliases counted as what they name")
+
+
+# --- the same name twice -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("second", ["Strict.Test.", "STRICT.test", "strict.test."])
+def test_a_domain_written_twice_is_refused(folder: Path, second: str) -> None:
+    data = base_config()
+    data["domains"] = {"strict.test": {"relay_to": ["mx.strict.test"]},
+                       second: {"relay_to": ["other.strict.test"]}}
+    path = write(folder, data)
+    assert problems_of(path) == (
+        f"{path}: domains.{second}: is the same domain as domains.strict.test "
+        f"(case and a trailing dot do not count); keep one (got '{second}')",)
+
+
+@pytest.mark.parametrize("second", ["Partner.Example.", ".Hosted.Example"])
+def test_a_route_written_twice_is_refused(folder: Path, second: str) -> None:
+    first = second.lower().rstrip(".")
+    data = changed(("routes",), {first: "[192.0.2.7]", second: "[192.0.2.8]",
+                                 "hosted.example": "[192.0.2.9]"})
+    path = write(folder, data)
+    assert problems_of(path) == (
+        f"{path}: routes.{second}: is the same domain as routes.{first} "
+        f"(case and a trailing dot do not count); keep one (got '{second}')",)
+
+
+def test_two_policies_of_one_name_are_refused(folder: Path) -> None:
+    data = base_config()
+    data["policies"] += [
+        {"name": "Partner", "direction": "inbound",
+         "recipient_domain": "example.com", "tls": "enforce-tls"},
+        {"name": "rule4", "direction": "inbound",
+         "recipient_domain": "example.com", "tls": "none"},
+        {"direction": "inbound", "recipient_domain": "example.com",
+         "tls": "none"},
+    ]
+    path = write(folder, data)
+    assert problems_of(path) == (
+        f"{path}: policies[1].name: is the name of policies[0] too "
+        "('partner'; case does not count); give each rule its own name "
+        "(got 'Partner')",
+        f"{path}: policies[3].name: (given when none is) is the name of "
+        "policies[2] too ('rule4'; case does not count); give each rule its "
+        "own name (got 'rule4')",
+    )
+
+
+# --- recipient lists ---------------------------------------------------------------
+
+
+def _strict(recipients: Any) -> dict[str, Any]:
+    data = base_config()
+    data["domains"]["Strict.Test"] = {"relay_to": ["mx.strict.test"],
+                                      "recipients": recipients}
+    return data
+
+
+BAD_RECIPIENTS = [
+    ("alice@strict.test # the boss", "expected a plain address such as "
+     "alice@strict.test"),
+    ("<carol@strict.test>", "expected a plain address"),
+    (42, "expected a plain address"),
+    ("dave@other.test", "is not an address of strict.test: only those can "
+     "match this list"),
+    ("eve@sub.strict.test", "is not an address of strict.test"),
+    ("frank strict.test", "expected a plain address"),
+    ("gina @strict.test", "expected a plain address"),
+    ('"h i"@strict.test', "expected a plain address"),
+    ("j..k@strict.test", "expected a plain address"),
+    ("l\x07@strict.test", "expected a plain address"),
+    ("mé@strict.test", "expected a plain address"),
+    ("x" * 65 + "@strict.test", "too long"),
+    (["nested@strict.test"], "expected a plain address"),
+]
+
+
+@pytest.mark.parametrize("entry, words", BAD_RECIPIENTS,
+                         ids=[repr(row[0])[:30] for row in BAD_RECIPIENTS])
+def test_a_bad_recipient_in_a_list_is_refused(
+    folder: Path, entry: Any, words: str
+) -> None:
+    path = write(folder, _strict(["ok@strict.test", entry]))
+    problems = problems_of(path)
+    assert len(problems) == 1, problems
+    assert_reported(problems, path, "domains.Strict.Test.recipients[1]: "
+                    + words, f"(got {entry!r})")
+
+
+@pytest.mark.parametrize("entry, words", [row for row in BAD_RECIPIENTS
+                                          if isinstance(row[0], str)],
+                         ids=[repr(row[0])[:30] for row in BAD_RECIPIENTS
+                              if isinstance(row[0], str)])
+def test_a_bad_recipient_in_a_file_is_refused_with_its_line(
+    folder: Path, entry: str, words: str
+) -> None:
+    listed = folder / "strict.txt"
+    listed.write_text(f"# who may get mail\nok@strict.test\n\n{entry}\n")
+    path = write(folder, _strict("strict.txt"))
+    problems = problems_of(path)
+    assert len(problems) == 1, problems
+    assert_reported(problems, path, f"domains.Strict.Test.recipients: {listed} "
+                    f"line 4: {words}", f"(got {entry.strip()!r})")
+
+
+def test_a_list_of_many_bad_recipients_is_told_in_a_few_lines(
+    folder: Path,
+) -> None:
+    listed = folder / "strict.txt"
+    listed.write_text("".join(f"<user{n}@strict.test>\n" for n in range(5000)))
+    problems = problems_of(write(folder, _strict("strict.txt")))
+    assert len(problems) == 11
+    assert problems[-1].endswith("domains.Strict.Test.recipients: 4990 more "
+                                 "entries are not addresses of this domain "
+                                 "either")
+
+
+def test_recipients_are_kept_as_the_listener_compares_them(folder: Path) -> None:
+    """Local part in lower case, the domain as under `domains`: exactly
+    what mta.relaycontrol looks up at RCPT."""
+    from mta.relaycontrol import recipient_verdict
+
+    listed = folder / "strict.txt"
+    listed.write_text("  # indented comment\nBob@STRICT.test.\n")
+    data = _strict(["Alice@Strict.Test", "o'neil+tag@strict.test"])
+    data["domains"]["other.test"] = {"relay_to": ["mx.other.test"],
+                                     "recipients": "strict.txt"}
+    listed.write_text("  # indented comment\nBob@OTHER.test.\n")
+    config = load_config(write(folder, data))
+
+    assert config.domains["strict.test"].recipients == {
+        "alice@strict.test", "o'neil+tag@strict.test"}
+    assert config.domains["other.test"].recipients == {"bob@other.test"}
+    mx = config.listeners[0]
+    for taken in ("ALICE@strict.test", '"alice"@Strict.Test',
+                  "O'Neil+tag@strict.test", "bob@other.test",
+                  "Postmaster@strict.test"):
+        assert recipient_verdict(config, mx, "192.0.2.1", taken) is None, taken
+    refused = recipient_verdict(config, mx, "192.0.2.1", "carol@strict.test")
+    assert refused is not None and refused.code == 550

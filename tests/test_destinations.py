@@ -387,7 +387,7 @@ def test_manners_by_default_follow_the_retry_schedule(tmp_path: Path) -> None:
     assert Manners.of(config.delivery) == Manners(20, 3, 60.0, 3600.0)
     assert config.delivery.concurrency == 20
 
-    config = config_with(tmp_path, "{retry_schedule: [0s, 10s, 30s]}")
+    config = config_with(tmp_path, "{retry_schedule: [1s, 10s, 30s]}")
     assert Manners.of(config.delivery) == Manners(20, 3, 1.0, 30.0)
 
 

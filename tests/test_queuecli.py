@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -200,6 +200,100 @@ def test_list_refuses_an_unknown_state(config: Path, spool: Spool) -> None:
 
     assert done.returncode == 2
     assert "invalid choice: 'stuck'" in done.stderr
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_list_json_is_one_array_with_an_envelope_a_line(
+    config: Path, spool: Spool, count: int
+) -> None:
+    """Streamed as it is read, and still one JSON document: each envelope
+    as `asdict` gives it (the same keys, values and order as before)."""
+    ids = sorted(enqueue(spool, deferred(f"u{n}@dest.test"),
+                         Recipient(f"v{n}@other.test", FAILED, "550 5.1.1 \u00e9",
+                                   "5.1.1"), hold=n == 1)
+                 for n in range(count))
+
+    done = mta(config, "list", "--json")
+
+    assert done.returncode == 0 and done.stderr == ""
+    data = json.loads(done.stdout)
+    assert json.dumps(data) == json.dumps(
+        [asdict(spool.load(queue_id)) for queue_id in ids])
+    lines = done.stdout.split("\n")
+    if not count:
+        assert done.stdout == "[]\n"
+        return
+    assert lines[0] == "[" and lines[-2:] == ["]", ""]
+    objects = lines[1:-2]
+    assert [json.loads(line.removesuffix(","))["queue_id"]
+            for line in objects] == ids
+    assert all(line.endswith(",") for line in objects[:-1])
+    assert not objects[-1].endswith(",")
+
+
+def test_list_json_says_which_are_unreadable_on_standard_error(
+    config: Path, queued: dict[str, str], spool: Spool
+) -> None:
+    spool.envelope_path(queued["failed"]).write_bytes(b"{ half an envel")
+
+    done = mta(config, "list", "--json", "--domain", "dest.test")
+
+    assert done.returncode == 0
+    assert {entry["queue_id"] for entry in json.loads(done.stdout)} == {
+        queued["deferred"], queued["held"]}
+    assert done.stderr.splitlines() == [
+        (f"mta: {queued['failed']}: unreadable: {queued['failed']}: not a valid "
+         "envelope: Expecting property name enclosed in double quotes: line 1 "
+         "column 3 (char 2)")]
+
+
+def test_list_counts_what_it_shows_and_the_unreadable_last(
+    config: Path, queued: dict[str, str], spool: Spool
+) -> None:
+    short = queued["pending"]
+    spool.message_path(short).write_bytes(b"x")
+
+    done = mta(config, "list", "--state", "deferred", "--state", "failed")
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line[:17] for line in lines if not line.startswith(" ")] == [
+        queued["deferred"], queued["failed"], short, "-- 2 of 3 message"]
+    assert lines[-2].startswith(f"{short}  unreadable: {short}: message file "
+                                "has 1 bytes, the envelope says ")
+    assert lines[-1] == f"-- 2 of 3 message(s) in {spool.queue}, 1 unreadable"
+
+
+def test_arrival_times_are_those_of_when() -> None:
+    when = queuecli._Arrivals()
+    for seconds in (1_800_000_000.0, 1_800_000_000.999, 1_800_000_001.0,
+                    1_800_000_000.5, 1_800_000_000, -0.5, 0.0, 86_400.25):
+        assert when(seconds) == queuecli._when(seconds)
+
+
+def test_control_characters_from_clients_never_reach_the_terminal(
+    config: Path, spool: Spool
+) -> None:
+    # A HELO name and a header with ESC, BEL and NUL, as a hostile client
+    # sends them: shown as \\xNN, so they cannot retitle or clear the
+    # operator's terminal.
+    writer = spool.new_message()
+    writer.write(b"Subject: \x1b[2Jcleared\x07\r\n\r\nbody\r\n")
+    envelope = Envelope(
+        writer.queue_id, "alice@org.test", time.time(), writer.size,
+        Client("\x1b]0;pwned\x07\x1b[2J\x00", "unknown", "127.0.0.1", "mx",
+               None),
+        (Recipient("bob@dest.test"),),
+    )
+    writer.commit(envelope)
+
+    for args in (("show", writer.queue_id), ("list",)):
+        done = mta(config, *args)
+        assert done.returncode == 0, done.stderr
+        assert not any(char in done.stdout for char in "\x1b\x07\x00"), done.stdout
+    shown = mta(config, "show", writer.queue_id).stdout
+    assert "helo=\\x1b]0;pwned\\x07\\x1b[2J\\x00" in shown
+    assert "Subject: \\x1b[2Jcleared\\x07" in shown
 
 
 def test_show_has_the_envelope_history_tls_and_headers(

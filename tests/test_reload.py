@@ -23,14 +23,17 @@ import smtplib
 import ssl
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
 import yaml
 from cryptography import x509
+from twisted.internet import defer, task
 
 from mta.config import ConfigError, load_config
-from mta.reload import expiry_warning, needs_restart
+from mta import reload as reloading
+from mta.reload import Reloader, expiry_warning, needs_restart
 from tests.peers import certs, smtppeer
 from tests.peers.certs import CertFiles
 from tests.peers.smtppeer import Peer
@@ -440,3 +443,150 @@ def test_a_key_that_does_not_match_is_refused(
         assert presented_certificate(relay).serial_number == before
     finally:
         relay.stop()
+
+
+# --- files that are not regular files, and failures no check foresaw ----------
+
+
+def test_a_fifo_is_refused_at_reload_and_the_next_reload_still_runs(
+    tmp_path: Path, relay_cert: CertFiles,
+) -> None:
+    """A FIFO where a file belongs used to hang the reload in its thread,
+    and every later SIGHUP was ignored: now it is refused like any bad
+    value, and the next SIGHUP reloads."""
+    listed = tmp_path / "recipients.txt"
+    listed.write_text("bob@strict.test\n")
+    config = base_config(tmp_path, relay_cert.chain, relay_cert.key, domains={
+        "strict.test": {"relay_to": ["[127.0.6.109]"],
+                        "recipients": str(listed)}})
+    relay = RelayProcess(tmp_path / "relay", config)
+    relay.start()
+    try:
+        listed.unlink()
+        os.mkfifo(listed)
+        line = reload(relay, relay.config)
+        assert "reload: refused" in line, line
+        assert (f"domains.strict.test.recipients: cannot read: not a regular "
+                f"file but a FIFO (named pipe) (got '{listed}')") in line, line
+
+        # The certificate too, renewed into a FIFO by mistake.
+        listed.unlink()
+        listed.write_text("bob@strict.test\n")
+        chain = relay_cert.chain.read_bytes()
+        relay_cert.chain.unlink()
+        os.mkfifo(relay_cert.chain)
+        line = reload(relay, relay.config)
+        assert "reload: refused" in line, line
+        assert (f"tls.certificate: cannot read {relay_cert.chain}: not a "
+                "regular file but a FIFO (named pipe)") in line, line
+
+        relay_cert.chain.unlink()
+        relay_cert.chain.write_bytes(chain)
+        assert "reload: ok" in reload(relay, relay.config)
+    finally:
+        relay.stop()
+
+
+def test_yaml_nested_too_deep_is_refused_in_one_clear_line(
+    enforcing: Site,
+) -> None:
+    relay = enforcing.relay
+    line = reload(relay, yaml.safe_dump(relay.config)
+                  + "colour: " + "[" * 600 + "]" * 600 + "\n")
+    assert "reload: refused" in line, line
+    assert ": nesting too deep: more than 64 levels of lists and mappings " \
+        "(line " in line, line
+    assert "RecursionError" not in relay.log()
+    assert "reload: ok" in reload(relay, relay.config)
+
+
+class _Reactor(task.Clock):
+    def getThreadPool(self) -> None:
+        return None
+
+
+def _reloader(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+              load: Any) -> tuple[Reloader, list[str], list[Any]]:
+    """A Reloader whose thread runs at once, with ``load`` in place of
+    reading the file; the log lines it writes and what it installs."""
+    lines: list[str] = []
+    installed: list[Any] = []
+    monkeypatch.setattr(reloading, "log_event",
+                        lambda level, text, *args, **kwargs: lines.append(
+                            f"[{level}] {text}"))
+    monkeypatch.setattr(reloading.threads, "deferToThreadPool",
+                        lambda reactor, pool, function, *args:
+                        defer.maybeDeferred(function, *args))
+    monkeypatch.setattr(reloading, "load", load)
+    running = SimpleNamespace(config=SimpleNamespace(path=tmp_path / "m.yaml"))
+    reloader = Reloader(_Reactor(), lambda: running,  # type: ignore[arg-type,return-value]
+                        installed.append, in_use=running.config)  # type: ignore[arg-type]
+    return reloader, lines, installed
+
+
+def test_an_unexpected_failure_is_one_line_and_frees_the_next_reload(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    calls: list[Path] = []
+
+    def load(path: Path, reactor: Any) -> Any:
+        calls.append(path)
+        raise RecursionError("maximum recursion depth exceeded")
+
+    reloader, lines, installed = _reloader(monkeypatch, tmp_path, load)
+    reloader.request()
+    reloader.request()
+
+    assert len(calls) == 2  # the first one did not leave the flag set
+    path = tmp_path / "m.yaml"
+    assert lines == [
+        f"[error] reload: refused config={path}: unexpected RecursionError: "
+        "maximum recursion depth exceeded; the running configuration stays "
+        "in force"] * 2
+    assert installed == []
+
+
+def test_a_reload_that_cannot_start_frees_the_next(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    reloader, lines, _ = _reloader(monkeypatch, tmp_path, None)
+
+    def no_thread(*args: Any) -> Any:
+        raise RuntimeError("the thread pool is stopped")
+
+    monkeypatch.setattr(reloading.threads, "deferToThreadPool", no_thread)
+    reloader.request()
+    reloader.request()
+    assert len(lines) == 2 and "unexpected RuntimeError: the thread pool is " \
+        "stopped" in lines[1], lines
+
+
+def test_an_install_that_fails_is_logged_and_frees_the_next(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    reloader, lines, _ = _reloader(monkeypatch, tmp_path,
+                                   lambda path, reactor: "new")
+
+    def install(running: Any) -> None:
+        raise ValueError("cannot listen")
+
+    reloader.install = install
+    reloader.request()
+    reloader.request()
+    assert lines == [f"[error] reload: refused config={tmp_path / 'm.yaml'}: "
+                     "unexpected ValueError: cannot listen; the running "
+                     "configuration stays in force"] * 2
+
+
+def test_a_sighup_during_a_reload_is_never_silent(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    pending: defer.Deferred[Any] = defer.Deferred()
+    reloader, lines, _ = _reloader(monkeypatch, tmp_path,
+                                   lambda path, reactor: pending)
+    reloader.request()
+    assert isinstance(reloader.reactor, task.Clock)
+    reloader.reactor.advance(45)
+    reloader.request()
+    assert lines == ["[warn] reload: another is under way (for 45s); this "
+                     "one follows it"]

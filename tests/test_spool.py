@@ -408,6 +408,123 @@ def test_scan_reports_unreadable_and_short_messages(spool: Spool) -> None:
     assert any("message file is missing" in str(p) for p in bad)
 
 
+
+def test_scan_checked_is_scan_one_message_at_a_time(spool: Spool) -> None:
+    """The listing's reader: the same messages, the same checks and the
+    same words for the unreadable ones, in the same order, as `scan`."""
+    good = committed(spool)
+    garbage = committed(spool)
+    spool.envelope_path(garbage).write_bytes(b"{ half an envel")
+    short = committed(spool)
+    spool.message_path(short).write_bytes(b"x")
+    other = committed(spool)
+    os.replace(spool.envelope_path(committed(spool)),
+               spool.envelope_path(other))  # names another message
+    fifo = committed(spool)
+    spool.envelope_path(fifo).unlink()
+    os.mkfifo(spool.envelope_path(fifo))
+    link = committed(spool)
+    spool.envelope_path(link).unlink()
+    spool.envelope_path(link).symlink_to(spool.envelope_path(good))
+    (spool.queue / "lower.env").write_bytes(b"{}")
+    last = committed(spool)
+
+    envelopes, bad = spool.scan()
+    items = list(spool.scan_checked())
+
+    forms = [item for item in items if not isinstance(item, SpoolError)]
+    errors = [item for item in items if isinstance(item, SpoolError)]
+    assert [env.from_checked(item) for item in forms] == envelopes
+    assert [e.queue_id for e in envelopes] == [good, last]
+    assert [str(e) for e in errors] == [str(e) for e in bad]
+    assert [e.queue_id for e in errors] == [garbage, short, other, fifo, link,
+                                            "lower"]
+    assert f"{fifo}: {fifo}.env is not a regular file" in map(str, errors)
+    assert f"{link}: {link}.env is not a regular file" in map(str, errors)
+
+
+def test_a_folder_for_an_envelope_cannot_be_read_now(spool: Spool) -> None:
+    # As before: an OSError (try again later), not a damaged envelope.
+    queue_id = committed(spool)
+    spool.envelope_path(queue_id).unlink()
+    spool.envelope_path(queue_id).mkdir()
+
+    with pytest.raises(IsADirectoryError):
+        spool.load(queue_id)
+    _, [problem] = spool.scan()
+    assert isinstance(problem, spool_module.Unreadable)
+    assert str(problem) == f"{queue_id}: cannot read: Is a directory"
+
+
+def test_a_long_envelope_is_read_whole(spool: Spool) -> None:
+    queue_id = committed(spool)
+    attempt = Attempt(1000.0, "deferred", "4.2.0", "451 busy " + "x" * 200,
+                      "opportunistic", relay="mx.example.net[192.0.2.1]:25")
+    envelope = spool.load(queue_id)
+    long = envelope.with_recipient(replace(
+        envelope.recipients[1], history=(attempt,) * 1000))
+    spool.save(long)
+    assert spool.envelope_path(queue_id).stat().st_size > 256 * 1024
+
+    assert spool.load(queue_id) == long
+    assert [item["queue_id"] for item in spool.scan_checked()] == [queue_id]
+
+
+def test_an_empty_or_missing_queue_scans_as_nothing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "nowhere")
+    assert list(spool.scan_checked()) == []
+    assert spool.scan() == ([], [])
+
+
+def test_clean_orphans_leaves_all_but_old_orphan_files(spool: Spool) -> None:
+    """Whatever else is there: folders, links, names that are no queue id;
+    and a big queue whose messages all stay."""
+    old = time.time() - 7200
+    kept = [committed(spool) for _ in range(200)]
+    (spool.queue / "odd name.env").write_bytes(b"{}")
+    made = {
+        spool.queue / "odd name.msg": "file",  # has its "envelope"
+        spool.queue / "ORPHAN.msg": "file",
+        spool.queue / ".hidden.msg": "file",
+        spool.queue / ".msg": "file",
+        spool.queue / "FOLDER.msg": "folder",
+        spool.queue / "LINK.msg": "link",
+        spool.queue / "NOTAMESSAGE": "file",
+        spool.tmp / "OLD.env": "file",
+        spool.tmp / "olddir": "folder",
+        spool.tmp / "oldlink": "link",
+    }
+    for path, kind in made.items():
+        if kind == "file":
+            path.write_bytes(b"x")
+        elif kind == "folder":
+            path.mkdir()
+        else:
+            path.symlink_to(spool.message_path(kept[0]))
+        os.utime(path, (old, old), follow_symlinks=kind != "link")
+    for queue_id in kept:
+        for path in (spool.message_path(queue_id), spool.envelope_path(queue_id)):
+            os.utime(path, (old, old))
+
+    removed = spool.clean_orphans(older_than=3600)
+
+    assert sorted(removed) == [".hidden.msg", ".msg", "OLD.env", "ORPHAN.msg"]
+    assert spool.queue_ids() == sorted([*kept, "odd name"])
+    assert all(spool.message_path(queue_id).exists() for queue_id in kept)
+    for path in made:
+        assert path.exists() or path.is_symlink() or path.name in removed
+    assert spool.clean_orphans(older_than=3600) == []
+
+
+def test_clean_orphans_without_a_queue_folder(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.tmp.mkdir(parents=True)
+    old = time.time() - 7200
+    (spool.tmp / "OLD.msg").write_bytes(b"x")
+    os.utime(spool.tmp / "OLD.msg", (old, old))
+
+    assert spool.clean_orphans(older_than=3600) == ["OLD.msg"]
+
 class TestFolderSync:
     """Group commit: one fsync of the queue folder serves every commit
     waiting for it, and none returns before an fsync that began after it
