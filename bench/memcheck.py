@@ -46,7 +46,6 @@ import io
 import os
 import pstats
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -60,9 +59,10 @@ import yaml
 # Run as a script, this file's folder is on sys.path, not the checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.options import parse_counts
 from bench.postfix import wait_for_greeting
 from bench.procstat import CLOCK_TICKS, parse_stat
-from bench.subjects import free_port
+from bench.subjects import free_port, terminate
 from mta.envelope import Client, Envelope, Recipient, due_time, to_json
 from mta.queue import ACTIVE_LIMIT, SCAN_INTERVAL
 from mta.received import received_header
@@ -109,13 +109,8 @@ def parse_options(argv: list[str] | None = None) -> Options:
 
 
 def _counts(text: str) -> tuple[int, ...]:
-    try:
-        counts = tuple(int(part.replace("_", "")) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"each must be 1 or more: {text!r}")
-    return counts
+    # "100_000" reads as Python writes it.
+    return parse_counts(text.replace("_", ""))
 
 
 # --- the set-up ----------------------------------------------------------------
@@ -300,14 +295,7 @@ class RunningRelay:
         if self._sampler.is_alive():
             self._sampler.join()
         last = self.watch.latest()
-        if self.process is None or self.process.poll() is not None:
-            return last
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process)
         return last
 
     def log(self) -> str:

@@ -34,6 +34,18 @@ class Subject(Protocol):
     def log(self) -> str: ...
 
 
+def terminate(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, by pid, and wait for the graceful stop; SIGKILL after 30s."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def free_port(address: str) -> int:
     with socket.socket() as probe:
         probe.bind((address, 0))
@@ -121,14 +133,7 @@ class Relay:
         wait_for_greeting(self.address, self.port, 30.0, self.log)
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process)
 
     def root_pid(self) -> int:
         assert self.process is not None

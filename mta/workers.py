@@ -151,7 +151,8 @@ class WorkerPool:
         self.config_path = config_path
         self.count = count
         self.ports = ports
-        self.running: dict[int, Any] = {}
+        # The workers running now, by number; each one's transport is its
+        # process.
         self.protocols: dict[int, WorkerProtocol] = {}
         self.started_at: dict[int, float] = {}
         self.delays: dict[int, float] = {}
@@ -175,17 +176,15 @@ class WorkerPool:
                                            socket_family(address)))
         command = worker_command(self.config_path, number, sockets)
         protocol = WorkerProtocol(self, number)
-        process = self.reactor.spawnProcess(
+        self.reactor.spawnProcess(
             protocol, command[0], command, env=os.environ.copy(),
             childFDs=child_fds,
         )
-        self.running[number] = process
         self.protocols[number] = protocol
         self.started_at[number] = self.reactor.seconds()
 
     def ended(self, protocol: WorkerProtocol, reason: Failure) -> None:
         number = protocol.number
-        self.running.pop(number, None)
         self.protocols.pop(number, None)
         status = _exit_words(reason)
         if self.stopping:
@@ -199,9 +198,9 @@ class WorkerPool:
         self.pending[number] = self.reactor.callLater(delay, self._spawn, number)
 
     def signal_all(self, signum: int) -> None:
-        for process in list(self.running.values()):
+        for protocol in list(self.protocols.values()):
             try:
-                process.signalProcess(signum)
+                protocol.transport.signalProcess(signum)
             except netError.ProcessExitedAlready:
                 pass
 
