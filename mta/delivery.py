@@ -165,7 +165,8 @@ class Deliverer:
             sender=envelope.sender,
             recipients=group.recipients,
             body_path=body,
-            size=body.stat().st_size,
+            # Checked against the file when the envelope was read.
+            size=envelope.size,
             body_8bit=envelope.body == "8BITMIME",
         )
         sessions: list[SessionResult] = []

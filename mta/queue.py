@@ -50,6 +50,7 @@ from mta.noticewriter import write_notice
 from mta.outcomes import settle
 from mta.schedule import Schedule
 from mta.spool import Locked, MessageLock, Spool, SpoolError
+from mta.spoolworker import SpoolWorker
 
 SCAN_INTERVAL = 10.0
 # Messages the runner keeps in mind at once (Postfix's qmgr keeps 20,000);
@@ -70,9 +71,11 @@ class QueueRunner:
         get_config: Callable[[], Config],
         get_deliverer: Callable[[], Deliverer],
         clock: Callable[[], float] = time.time,
+        spool_worker: SpoolWorker | None = None,
     ) -> None:
         self.reactor = reactor
         self.spool = spool
+        self.spool_worker = spool_worker
         self.get_config = get_config
         self.get_deliverer = get_deliverer
         self.clock = clock
@@ -118,6 +121,20 @@ class QueueRunner:
         # A full schedule leaves the message to the next scan.
         self._schedule.add(queue_id, self.clock() if due is None else due)
         self._pump()
+
+    def adopt(self, envelope: Envelope, lock: MessageLock) -> None:
+        """A message this process has just committed, with the lock its
+        commit kept: delivered now if there is room, from the envelope in
+        hand (reading back what was just written would cost a lock, two
+        stats and a parse); otherwise left to the schedule."""
+        queue_id = envelope.queue_id
+        limit = self.get_config().delivery.concurrency
+        if (self._stopping or len(self._active) >= limit
+                or queue_id in self._active):
+            lock.release()
+            self.wakeup(queue_id)
+            return
+        self._start(queue_id, (envelope, lock))
 
     def scan(self) -> Deferred[None]:
         # Whatever the spool holds, the scan goes on: it is what finds
@@ -198,8 +215,10 @@ class QueueRunner:
         if due is not None and len(self._active) < self.get_config().delivery.concurrency:
             self._timer = self.reactor.callLater(max(0.0, due - now), self._pump)
 
-    def _start(self, queue_id: str) -> None:
-        done = Deferred.fromCoroutine(self._process(queue_id))
+    def _start(
+        self, queue_id: str, taken: tuple[Envelope, MessageLock] | None = None
+    ) -> None:
+        done = Deferred.fromCoroutine(self._process(queue_id, taken))
         self._active[queue_id] = done
 
         def finished(result: list[NextHop] | Failure) -> None:
@@ -227,24 +246,20 @@ class QueueRunner:
 
     # --- one message ---------------------------------------------------
 
-    async def _process(self, queue_id: str) -> list[NextHop]:
-        """Deliver what is due of one message; the destinations it must
-        wait for, if any (see `_park`)."""
+    async def _process(
+        self, queue_id: str, taken: tuple[Envelope, MessageLock] | None
+    ) -> list[NextHop]:
+        """Deliver what is due of one message (``taken``: its envelope and
+        lock in hand, see `adopt`); the destinations it must wait for, if
+        any (see `_park`)."""
+        if taken is not None:
+            given, lock = taken
+        else:
+            lock = self._lock(queue_id)
+            if lock is None:
+                return []
         try:
-            lock = self.spool.lock(queue_id)
-        except Locked:
-            return []  # another process has it
-        except FileNotFoundError:
-            self._lost_message_file(queue_id)
-            return []
-        except SpoolError as error:
-            self._quarantine(error)
-            return []
-        except OSError as error:
-            self._cannot_read(queue_id, error)
-            return []
-        try:
-            envelope = self._load(queue_id)
+            envelope = given if taken is not None else self._load(queue_id)
             if envelope is None:
                 return []
             due = due_time(envelope)
@@ -265,6 +280,19 @@ class QueueRunner:
             return []
         finally:
             lock.release()
+
+    def _lock(self, queue_id: str) -> MessageLock | None:
+        try:
+            return self.spool.lock(queue_id)
+        except Locked:
+            return None  # another process has it
+        except FileNotFoundError:
+            self._lost_message_file(queue_id)
+        except SpoolError as error:
+            self._quarantine(error)
+        except OSError as error:
+            self._cannot_read(queue_id, error)
+        return None
 
     def _lost_message_file(self, queue_id: str) -> None:
         # Gone, or an envelope without its message file: the latter can
@@ -385,8 +413,11 @@ class QueueRunner:
 
     async def _remove(self, envelope: Envelope, lock: MessageLock) -> None:
         try:
-            await threads.deferToThread(self.spool.remove, envelope.queue_id,
-                                        lock)
+            if self.spool_worker is not None:
+                await self.spool_worker.remove(envelope.queue_id, lock)
+            else:
+                await threads.deferToThread(self.spool.remove, envelope.queue_id,
+                                            lock)
         except OSError:
             # The envelope on disk may predate the deliveries (see
             # `_deliver`): record them before the error holds the message.

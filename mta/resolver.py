@@ -18,7 +18,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 from twisted.internet import threads
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 
 from mta.clientsession import Target
 from mta.configvalues import HostPort
@@ -59,6 +59,9 @@ def make_resolver(nameservers: tuple[tuple[str, int], ...] | None) -> (
 def resolve_targets(
     resolver: dns.resolver.Resolver, next_hop: NextHop
 ) -> Deferred[list[Target]]:
+    if next_hop.kind != MX and all(host.is_literal for host in next_hop.hosts):
+        # Addresses only ("[192.0.2.7]:2525"): no lookup, so no thread.
+        return maybeDeferred(targets_for, resolver, next_hop)
     return threads.deferToThread(targets_for, resolver, next_hop)
 
 

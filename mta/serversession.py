@@ -19,10 +19,15 @@ from mta.config import Config, Listener
 from mta.datadecoder import DataDecoder
 from mta.envelope import Envelope
 from mta.hops import HopCounter
-from mta.spool import MessageWriter, Spool
+from mta.spool import MessageLock, MessageWriter, Spool
 from mta.tlsctx import ServerCreator
 
-CommitMessage = Callable[[MessageWriter, Envelope], "Deferred[None]"]
+# Fires once the message is durable, with its lock when the committer
+# kept it for a first delivery in this process (`mta.spoolworker`).
+CommitMessage = Callable[[MessageWriter, Envelope], "Deferred[MessageLock | None]"]
+# Told of each message once its client has the 250: the envelope, and the
+# lock when the commit kept one (the callee must release or use it).
+Queued = Callable[[Envelope, "MessageLock | None"], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +67,7 @@ class Settings:
     listener: Listener
     spool: Spool
     tls_creator: ServerCreator | None
-    on_queued: Callable[[Envelope], None]
+    on_queued: Queued
     commit: CommitMessage
     reactor: Any  # IReactorTime
     portal: Portal | None = None  # AUTH is offered (after TLS) when set

@@ -27,12 +27,13 @@ from mta.config import Config, ConfigError, default_config_path, load_config
 from mta.destinations import Destinations
 from mta.envelope import Envelope
 from mta.filemodes import warn_if_key_exposed, warn_if_users_exposed
-from mta.logs import log_event
+from mta.logs import log_event, use_text_observer
 from mta.metrics import start_metrics
 from mta.queue import QueueRunner
 from mta.reload import Reloader, Running, build, log_certificate_warnings
 from mta.smtpserver import RelayServerFactory
-from mta.spool import Spool
+from mta.spool import MessageLock, Spool
+from mta.spoolworker import SpoolWorker
 from mta.stopping import stop_gracefully
 from mta.workers import InheritedSocket, WorkerPool
 
@@ -44,6 +45,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        use_text_observer()  # before twistd makes its log (mta.logs)
         path = self["config"] or default_config_path()
         try:
             self["loaded"] = load_config(path)
@@ -83,6 +85,7 @@ class RelayService(service.Service):
         self.ports: list[IListeningPort] = []
         self.factories: list[RelayServerFactory] = []
         self.spool = Spool(config.spool)
+        self.spool_worker = SpoolWorker(reactor, self.spool)
         self.destinations = Destinations()
         # One count for every listener: limits.client_connections is per
         # address, whichever port the client uses.
@@ -93,7 +96,8 @@ class RelayService(service.Service):
         self.auth_failures = FailureTable(reactor)
         self._install(build(config, reactor))
         self.queue = QueueRunner(
-            reactor, self.spool, lambda: self.config, lambda: self.deliverer
+            reactor, self.spool, lambda: self.config, lambda: self.deliverer,
+            spool_worker=self.spool_worker,
         )
         self.reloader = Reloader(reactor, lambda: self.live, self._install)
 
@@ -155,6 +159,7 @@ class RelayService(service.Service):
             verifier=self.verifier,
             auth_failures=self.auth_failures,
             tls_mode=listener.tls,
+            spool_worker=self.spool_worker,
         )
 
     def _adopt_listeners(self, inherited: tuple[InheritedSocket, ...]) -> None:
@@ -180,6 +185,7 @@ class RelayService(service.Service):
 
     def startService(self) -> None:
         self._open_spool()
+        self.spool_worker.start()
         service.Service.startService(self)
         names = ", ".join(f"{listener.name}={listener.address}:{listener.port}"
                           f"/{listener.role}" for listener in self.config.listeners)
@@ -213,7 +219,7 @@ class RelayService(service.Service):
         ))
         # Then QUIT to every delivery connection kept idle.
         stopped.addBoth(lambda result: (self.live.connections.close(),
-                                        result)[1])
+                                        self.spool_worker.stop(), result)[2])
         if self.pool is None:
             return stopped
         # The workers stop alongside, each as gracefully as this one.
@@ -243,5 +249,8 @@ class RelayService(service.Service):
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, hangup)
 
-    def _queued(self, envelope: Envelope) -> None:
-        self.queue.wakeup(envelope.queue_id)
+    def _queued(self, envelope: Envelope, lock: MessageLock | None) -> None:
+        if lock is None:
+            self.queue.wakeup(envelope.queue_id)
+        else:
+            self.queue.adopt(envelope, lock)

@@ -425,12 +425,17 @@ class DeliveryClient(smtp.ESMTPClient):
         line = f"MAIL FROM:<{self._transaction.sender}>{parameters}"
         self._command("MAIL", line, self._on_mail)
         if self._caps.pipelining:
-            # RFC 2920 3.1: MAIL and RCPT may go in one group; their replies
-            # come back in order.  DATA waits for them.
+            # RFC 2920 3.1: MAIL, RCPT and DATA (last) may go in one group,
+            # as Postfix sends them; the replies come back in order.  A
+            # server must refuse DATA when no RCPT was taken (RFC 2920
+            # 3.1); the body waits for its 354 all the same.
             for recipient in self._recipients:
                 self._send_rcpt(recipient)
+            self._command("DATA", "DATA", self._on_data)
 
     def _on_mail(self, reply: Reply, lines: list[str]) -> None:
+        if self._ending:
+            return  # a pipelined RSET before it failed
         if not reply.is_success:
             # Pipelined RCPTs get 503s; `_ending` makes their handlers
             # ignore them, and QUIT (or RSET later) follows the last.
@@ -454,12 +459,20 @@ class DeliveryClient(smtp.ESMTPClient):
                 self._send_rcpt(self._recipients[answered])
             return
 
-        if any(reply.is_success for reply in self._rcpt_replies.values()):
+        if not any(reply.is_success for reply in self._rcpt_replies.values()):
+            self._transaction_over()  # a pipelined DATA is refused, or aborted
+        elif not self._caps.pipelining:
             self._command("DATA", "DATA", self._on_data)
-        else:
-            self._transaction_over()
 
     def _on_data(self, reply: Reply, lines: list[str]) -> None:
+        if self._ending:
+            # A pipelined DATA after the transaction failed (RSET, MAIL or
+            # every RCPT refused): its refusal is expected.  A server that
+            # asks for the body anyway gets none; dropping the connection
+            # is the one way to end the DATA it opened without a message.
+            if reply.code == 354:
+                self._abort()
+            return
         if reply.code != 354 and not (reply.is_temporary or reply.is_permanent):
             # A 250 (or any 2xx/3xx but 354) to DATA: no body was asked
             # for, so none was taken; the server is out of step with us.
@@ -603,12 +616,18 @@ class DeliveryClient(smtp.ESMTPClient):
         self._data_reply = None
         self._limit(settings.timeouts.command)
         self._command("RSET", "RSET", self._on_rset)
+        if self._caps.pipelining:
+            # RFC 2920 3.1: RSET may open the group; one round trip less.
+            self._send_mail()
 
     def _on_rset(self, reply: Reply, lines: list[str]) -> None:
         if not reply.is_success:
+            # Pipelined commands after it are answered, and ignored
+            # (`_ending`).
             self._refuse(reply)
             return
-        self._send_mail()
+        if not self._caps.pipelining:
+            self._send_mail()
 
     def retire(self) -> None:
         """Close an idle connection with QUIT."""

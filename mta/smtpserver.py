@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -112,11 +113,13 @@ from mta.serverreplies import too_many_errors as too_many_errors_reply
 from mta.serversession import (
     CommitMessage,
     MessageInProgress,
+    Queued,
     Settings,
     Transaction,
 )
 from mta.smtpauth import MAX_AUTH_LINE, AuthSession
-from mta.spool import MessageWriter, Spool
+from mta.spool import MessageLock, MessageWriter, Spool
+from mta.spoolworker import SpoolWorker
 from mta.tlsctx import ServerCreator
 
 _log = Logger(namespace="mta.smtpserver")
@@ -887,14 +890,16 @@ class RelayServer(smtp.ESMTP):
             body=transaction.body,
         )
 
-    def _queued(self, _: None, envelope: Envelope) -> None:
+    def _queued(self, lock: MessageLock | None, envelope: Envelope) -> None:
         self._reply(Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}"))
         log_accepted(envelope)
         # The message is safe on disk and the client has its 250: a fault
         # in whoever is told next must not undo either.
         try:
-            self.settings.on_queued(envelope)
+            self.settings.on_queued(envelope, lock)
         except Exception:
+            if lock is not None:
+                lock.release()  # the next scan of the spool finds it
             _log.failure("on_queued failed for {queue_id}", queue_id=envelope.queue_id)
 
     def _not_queued(self, failure: Failure, writer: MessageWriter) -> None:
@@ -939,8 +944,10 @@ class RelayServerFactory(ServerFactory):
     ``listener_name``.  The configuration and the TLS creator are fetched
     anew for every connection, so a reload applies to the next one.
 
-    ``commit`` runs `MessageWriter.commit` (blocking: fsync) in the
-    reactor's thread pool; tests may replace it.
+    ``commit`` runs `MessageWriter.commit` (blocking: fsync) through the
+    relay's `SpoolWorker`, which keeps the message's lock for its first
+    delivery, or without one in the reactor's thread pool; tests may
+    replace it.
 
     ``clients`` counts the open connections by client address; the relay
     gives every listener the same one (`mta.clientlimits`).  A connection
@@ -956,12 +963,13 @@ class RelayServerFactory(ServerFactory):
         get_config: Callable[[], Config],
         spool: Spool,
         get_tls_creator: Callable[[], ServerCreator],
-        on_queued: Callable[[Envelope], None],
+        on_queued: Queued,
         reactor: Any = None,
         clients: ClientConnections | None = None,
         verifier: Verifier | None = None,
         auth_failures: FailureTable | None = None,
         tls_mode: str | None = None,
+        spool_worker: SpoolWorker | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -981,7 +989,9 @@ class RelayServerFactory(ServerFactory):
         # the port did at start, so a reload does not change it (None:
         # as the configuration says, per connection).
         self.tls_mode = tls_mode
-        self.commit: CommitMessage = self._commit_in_thread
+        self.commit: CommitMessage = (
+            self._commit_in_thread if spool_worker is None
+            else partial(spool_worker.commit, keep_lock=True))
         self.clients = ClientConnections() if clients is None else clients
         # Live connections, for a stop that lets them finish (mta.stopping),
         # each with the client address it is counted under in ``clients``.
@@ -991,7 +1001,7 @@ class RelayServerFactory(ServerFactory):
 
     def _commit_in_thread(
         self, writer: MessageWriter, envelope: Envelope
-    ) -> Deferred[None]:
+    ) -> Deferred[MessageLock | None]:
         pool = self.reactor.getThreadPool()
         return deferToThreadPool(self.reactor, pool, writer.commit, envelope)
 

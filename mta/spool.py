@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, Iterator
 
 from mta.envelope import (
     Envelope,
@@ -112,23 +112,33 @@ class FolderSync:
                 self._synced = max(self._synced, covered)
 
 
-def _create(path: Path) -> BinaryIO:
-    """A new file only this user can read: mail is private."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    return os.fdopen(descriptor, "wb")
+def _create(path: Path | str) -> int:
+    """A new file only this user can read (mail is private), as a plain
+    descriptor: no file object, whose buffering and checks cost system
+    calls per message."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
 
-def _write_durably(path: Path, data: bytes, mtime: float | None = None) -> None:
+def _write_all(descriptor: int, data: bytes | bytearray) -> None:
+    written = os.write(descriptor, data)
+    while written < len(data):  # rare: a short write
+        written += os.write(descriptor, data[written:])
+
+
+def _write_durably(path: Path | str, data: bytes,
+                   mtime: float | None = None) -> None:
     """A new file holding ``data`` (modified at ``mtime``), fsync'd; on any
     failure (a full disk) nothing is left behind, so a retry does not eat
     more space."""
     try:
-        with _create(path) as stream:
-            stream.write(data)
-            stream.flush()
+        descriptor = _create(path)
+        try:
+            _write_all(descriptor, data)
             if mtime is not None:
-                os.utime(stream.fileno(), (mtime, mtime))
-            os.fsync(stream.fileno())
+                os.utime(descriptor, (mtime, mtime))
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
     except BaseException:
         _unlink_quietly(path)
         raise
@@ -173,19 +183,10 @@ def _read_regular(path: str, folder: int | None = None) -> bytes:
         os.close(descriptor)
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: Path | str) -> None:
     try:
-        path.unlink()
+        os.unlink(path)
     except FileNotFoundError:
-        pass
-
-
-def _close_quietly(stream: BinaryIO) -> None:
-    # Closing flushes what is buffered: on a full disk that fails again,
-    # and the file is being thrown away anyway.
-    try:
-        stream.close()
-    except OSError:
         pass
 
 
@@ -199,6 +200,7 @@ class Spool:
         # The queue folder as a string ending in "/": the names of its
         # files without a Path each (a listing reads them all).
         self._queue_prefix = os.path.join(self.queue, "")
+        self._tmp_prefix = os.path.join(self.tmp, "")
 
     def create(self) -> None:
         for folder in (self.root, self.tmp, self.queue, self.corrupt):
@@ -216,9 +218,8 @@ class Spool:
 
     def new_message(self) -> MessageWriter:
         queue_id = new_queue_id()
-        path = self.tmp / f"{queue_id}.msg"
-        stream = _create(path)
-        return MessageWriter(self, queue_id, path, stream)
+        path = f"{self._tmp_prefix}{queue_id}.msg"
+        return MessageWriter(self, queue_id, path, _create(path))
 
     # --- reading and updating ------------------------------------------
 
@@ -388,16 +389,22 @@ class Spool:
         """Remove the message; with its ``lock``, release that too, once the
         removal is durable.  Blocking: run it off the reactor thread (the
         last close of an unlinked file is what frees its blocks)."""
-        # Envelope first: without it the message no longer exists, and a
-        # crash in between leaves only an orphan .msg for `clean_orphans`.
-        for path in (self.envelope_path(queue_id), self.message_path(queue_id)):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+        self.unlink(queue_id)
         self.queue_sync.sync()
         if lock is not None:
             lock.release()
+
+    def unlink(self, queue_id: str) -> None:
+        """`remove` but the folder's fsync, which the caller owes (one may
+        serve several removals: `mta.spoolworker`)."""
+        # Envelope first: without it the message no longer exists, and a
+        # crash in between leaves only an orphan .msg for `clean_orphans`.
+        prefix = self._queue_prefix
+        for name in (f"{prefix}{queue_id}.env", f"{prefix}{queue_id}.msg"):
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
 
     def quarantine(self, queue_id: str) -> None:
         for path in (self.envelope_path(queue_id), self.message_path(queue_id)):
@@ -491,21 +498,34 @@ class MessageLock:
 
 
 class MessageWriter:
-    """A message being received: bytes go to ``tmp/`` as they arrive, so
-    memory stays flat whatever the size; `commit` makes it durable."""
+    """A message being received: bytes go to ``tmp/`` as they arrive (in
+    writes of `FLUSH_AT` octets), so memory stays flat whatever the size;
+    `commit` makes it durable."""
+
+    # What a buffered file would hold back (io.DEFAULT_BUFFER_SIZE): a full
+    # disk is found as early as before, and a small message is written at
+    # its commit, in one call.
+    FLUSH_AT = 8192
 
     def __init__(
-        self, spool: Spool, queue_id: str, path: Path, stream: BinaryIO
+        self, spool: Spool, queue_id: str, path: str, descriptor: int
     ) -> None:
         self.spool = spool
         self.queue_id = queue_id
         self.path = path
-        self.stream = stream
+        self.descriptor = descriptor
         self.size = 0
+        self._pending = bytearray()
 
     def write(self, data: bytes) -> None:
-        self.stream.write(data)
+        self._pending += data
         self.size += len(data)
+        if len(self._pending) >= self.FLUSH_AT:
+            self._flush()
+
+    def _flush(self) -> None:
+        _write_all(self.descriptor, self._pending)
+        self._pending.clear()
 
     def commit(self, envelope: Envelope) -> None:
         """Blocking (fsync): run it off the reactor thread.  When it returns,
@@ -513,35 +533,70 @@ class MessageWriter:
         full disk at the last flush or at the envelope), nothing of the
         message is left: the client is told to send it again."""
         try:
-            self._commit(envelope)
+            self.prepare(envelope)
+            self.spool.queue_sync.sync()
         except BaseException:
-            self._undo_commit()
+            self.undo()
             raise
 
-    def _commit(self, envelope: Envelope) -> None:
+    def prepare(self, envelope: Envelope, keep_lock: bool = False) -> MessageLock | None:
+        """`commit` but the queue folder's fsync, which the caller owes
+        before anyone is told (one may serve a batch: `mta.spoolworker`).
+        With ``keep_lock`` the message is locked before it appears in the
+        queue, and the lock is returned: no other process can take it up
+        before its first delivery here.  On an error the caller calls
+        `undo`."""
         spool = self.spool
-        self.stream.flush()
-        os.fsync(self.stream.fileno())
-        self.stream.close()
-        os.replace(self.path, spool.message_path(self.queue_id))
+        queue_id = self.queue_id
+        self._flush()
+        os.fsync(self.descriptor)
+        lock = None
+        if keep_lock:
+            # A new file nobody else knows: the lock is had at once.
+            fcntl.flock(self.descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock = MessageLock(self.descriptor)
+        else:
+            os.close(self.descriptor)
+        self.descriptor = -1
+        try:
+            os.replace(self.path, f"{spool._queue_prefix}{queue_id}.msg")
+            temporary = f"{spool._tmp_prefix}{queue_id}.env"
+            # A message due now needs no stamp: the file's own time says
+            # so (`Spool.earliest_due`), and costs no system call.
+            due = due_time(envelope)
+            _write_durably(temporary, to_json(envelope),
+                           due if due > time.time() else None)
+            os.replace(temporary, f"{spool._queue_prefix}{queue_id}.env")
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return lock
 
-        temporary = spool.tmp / f"{self.queue_id}.env"
-        _write_durably(temporary, to_json(envelope), due_time(envelope))
-        os.replace(temporary, spool.envelope_path(self.queue_id))
-        spool.queue_sync.sync()
-
-    def _undo_commit(self) -> None:
+    def undo(self) -> None:
+        """Throw away what `prepare` did, or what it got to before an
+        error: nothing of the message is left."""
         # Envelope first, as in `Spool.remove`: without it the message does
         # not exist for anyone, whatever happens to the rest.
         spool = self.spool
-        _close_quietly(self.stream)
-        for path in (spool.envelope_path(self.queue_id),
-                     spool.message_path(self.queue_id),
-                     spool.tmp / f"{self.queue_id}.env", self.path):
+        self._close()
+        queue_id = self.queue_id
+        for path in (f"{spool._queue_prefix}{queue_id}.env",
+                     f"{spool._queue_prefix}{queue_id}.msg",
+                     f"{spool._tmp_prefix}{queue_id}.env", self.path):
             _unlink_quietly(path)
+
+    def _close(self) -> None:
+        self._pending.clear()
+        if self.descriptor >= 0:
+            descriptor, self.descriptor = self.descriptor, -1
+            try:
+                os.close(descriptor)
+            except OSError:
+                pass
 
     def abort(self) -> None:
         """Throw the message away; safe to call again, and after a failed
         write or commit."""
-        _close_quietly(self.stream)
+        self._close()
         _unlink_quietly(self.path)

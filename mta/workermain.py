@@ -19,6 +19,7 @@ from typing import Any
 from twisted.logger import globalLogBeginner, jsonFileLogObserver
 
 from mta.config import ConfigError, load_config
+from mta.logs import line_as_json
 from mta.workers import parse_listen
 
 
@@ -60,7 +61,12 @@ def _observer(number: int) -> Any:
 
     def observe(event: dict[str, Any]) -> None:
         event["mta_worker"] = number
-        write(event)
+        line = line_as_json(event)
+        if line is None:
+            write(event)  # Twisted's JSON form, for any other event
+            return
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
     return observe
 

@@ -24,6 +24,7 @@ The first process supervises the others:
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -39,7 +40,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mta.logs import log_event
+from mta.logs import line_from_json, log_event
 
 FIRST_RESTART_DELAY = 1.0
 MAX_RESTART_DELAY = 60.0
@@ -119,7 +120,7 @@ class WorkerProtocol(ProcessProtocol):
         if not line.strip():
             return
         try:
-            event = eventFromJSON(line.decode("utf-8", "replace"))
+            event = _event(line.decode("utf-8", "replace"))
         except ValueError:
             # Not one of our events: a worker that printed something
             # itself.  Shown as it is rather than lost.
@@ -133,6 +134,18 @@ class WorkerProtocol(ProcessProtocol):
             self._log(self.buffer)
         self.pool.ended(self, reason)
         self.ended.callback(None)
+
+
+def _event(text: str) -> dict[str, Any]:
+    """A worker's event from its JSON line (`mta.logs.line_as_json`, or
+    Twisted's form); ValueError when it is neither."""
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("not an event")
+    line = line_from_json(data)
+    if line is not None:
+        return line
+    return eventFromJSON(text)
 
 
 class WorkerPool:

@@ -116,7 +116,7 @@ class Server:
             lambda: self.config,
             self.spool,
             lambda: self.creator,  # type: ignore[arg-type,return-value]
-            self.queued.append,
+            lambda envelope, lock: self.queued.append(envelope),
             reactor=self.clock,
         )
         self.factory.commit = commit_at_once
@@ -228,7 +228,7 @@ class Listening:
             lambda: self.config,
             self.spool,
             lambda: creator,
-            self.queued.append,
+            lambda envelope, lock: self.queued.append(envelope),
         )
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.address = ("127.0.0.1", self.port.getHost().port)

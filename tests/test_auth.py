@@ -501,7 +501,7 @@ class AuthServer:
             lambda: self.config,
             self.spool,
             lambda: self.creator,  # type: ignore[arg-type,return-value]
-            lambda envelope: None,
+            lambda envelope, lock: None,
             reactor=self.clock,
             verifier=self.verifier,
             auth_failures=self.failures,

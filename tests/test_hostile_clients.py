@@ -397,7 +397,7 @@ class TestConnections:
             lambda: server.config,
             server.spool,
             lambda: server.creator,  # type: ignore[arg-type,return-value]
-            server.queued.append,
+            lambda envelope, lock: server.queued.append(envelope),
             reactor=server.clock,
             clients=server.factory.clients,
         )
