@@ -10,9 +10,10 @@ For each count N, in a temporary folder of its own:
    domain routed to a loopback port nothing listens on (each attempt ends
    in "Connection refused") and a retry schedule of one hour, so that a
    message tried once stays deferred for the rest of the run;
-2. N messages written straight into the spool in its on-disk format (the
-   envelope is `mta.envelope.to_json`'s, the file time `due_time`'s, as
-   `MessageWriter.commit` writes them) but without fsync: SMTP would take
+2. N messages written straight into the spool in its on-disk format (one
+   queue file each: the message, then the envelope as
+   `mta.envelope.to_json` writes it, as `MessageWriter.commit` lays them
+   out) but without fsync: SMTP would take
    far too long for 100,000, and durability is not what is measured.  All
    are due at once;
 3. the relay (`twistd -n mta`) started on that spool and left to work
@@ -164,8 +165,8 @@ def message_bytes(queue_id: str, recipient: str, when: float) -> bytes:
 
 def fill_spool(spool: Spool, count: int) -> float:
     """Write ``count`` messages, all due now, the way `MessageWriter.commit`
-    lays them out (message file, then the envelope renamed into place with
-    its due time as modification time), but without fsync.  Seconds taken."""
+    lays them out (one queue file: the message, then its envelope), but
+    without fsync.  Seconds taken."""
     spool.create()
     started = time.monotonic()
     now = time.time()
@@ -183,10 +184,9 @@ def fill_spool(spool: Spool, count: int) -> float:
             queue_id=queue_id, sender="sender@memcheck.test", arrival=arrival,
             size=len(body), client=client, recipients=(Recipient(recipient),),
         )
-        _write(spool.message_path(queue_id), body)
-        temporary = spool.tmp / f"{queue_id}.env"
-        _write(temporary, to_json(envelope), due_time(envelope))
-        os.replace(temporary, spool.envelope_path(queue_id))
+        temporary = spool.tmp / f"{queue_id}.msg"
+        _write(temporary, body + b"\n" + to_json(envelope), due_time(envelope))
+        os.replace(temporary, spool.message_path(queue_id))
     return time.monotonic() - started
 
 

@@ -1,5 +1,6 @@
 """The message body on its way out: a Twisted pull producer that reads the
-spool file and writes it through `BodyEncoder` (dot-stuffing, CRLF line
+message from its queue file (its first ``size`` octets: the envelope comes
+after them) and writes it through `BodyEncoder` (dot-stuffing, CRLF line
 ends), the end-of-data marker with the last bytes.
 """
 
@@ -25,12 +26,14 @@ class BodyProducer:
     def __init__(
         self,
         body: BinaryIO,
+        size: int,
         transport: Any,
         sent: Callable[[], None],
         failed: Callable[[OSError], None],
         progress: Callable[[], None],
     ) -> None:
         self._body = body
+        self._left = size  # octets of the message not read yet
         self._transport = transport
         self._sent = sent
         self._failed = failed
@@ -60,7 +63,15 @@ class BodyProducer:
         self._sent()
 
     def _read(self) -> bytes:
-        return self._body.read(CHUNK_SIZE)
+        if self._left <= 0:
+            return b""
+        chunk = self._body.read(min(CHUNK_SIZE, self._left))
+        if not chunk:
+            # Never a terminator after a body cut short: the file is
+            # shorter than its envelope says.
+            raise OSError(f"the message file ends {self._left} octets early")
+        self._left -= len(chunk)
+        return chunk
 
     def _stop(self) -> None:
         self._stopped = True

@@ -10,8 +10,11 @@ and ``networks: [192.0.2.0/24]`` must match it.
 from __future__ import annotations
 
 import ipaddress
+from functools import lru_cache
 
 
+# Clients come back; each address is parsed once while it does.
+@lru_cache(maxsize=4096)
 def client_address(host: str) -> str:
     """``host`` with an IPv4-mapped address in its IPv4 form; anything else
     (IPv4, other IPv6, not an address) as it is."""

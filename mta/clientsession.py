@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from cryptography import x509
@@ -308,6 +309,7 @@ def check_transaction(transaction: Transaction) -> None:
             raise ValueError(f"not a valid address for SMTP: {address!r}")
 
 
+@lru_cache(maxsize=1024)
 def sni_name(name: str) -> str | None:
     # RFC 6066 3: SNI carries host names only, never an address literal.
     try:

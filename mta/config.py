@@ -14,6 +14,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
@@ -108,10 +109,15 @@ class Listener:
 
     def allows_client(self, address: str) -> bool:
         try:
-            ip = ipaddress.ip_address(address)
+            ip = _ip_address(address)
         except ValueError:
             return False
         return any(ip in net for net in self.networks)
+
+
+# Asked for each connection and each recipient: each client's address is
+# parsed once while it comes back.
+_ip_address = lru_cache(maxsize=4096)(ipaddress.ip_address)
 
 
 @dataclass(frozen=True, slots=True)

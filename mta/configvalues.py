@@ -13,6 +13,7 @@ import ipaddress
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable
 
 
@@ -198,6 +199,7 @@ def _host_or_ip(text: str) -> str:
     return parse_hostname(text)
 
 
+@lru_cache(maxsize=1024)  # asked for each delivery of each next hop
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from operator import itemgetter
 from typing import Any
 
@@ -137,10 +137,25 @@ def due_time(envelope: Envelope) -> float:
 
 
 def to_json(envelope: Envelope) -> bytes:
-    data = asdict(envelope)
+    """The envelope as one line of JSON (keys sorted).  Compact, so that
+    the json module's C encoder writes it: every message is written at
+    least once, and the indented form took the pure-Python one."""
+    data = _plain(envelope)
     data["version"] = FORMAT_VERSION
-    text = json.dumps(data, indent=1, sort_keys=True, allow_nan=False)
+    text = json.dumps(data, sort_keys=True, allow_nan=False,
+                      separators=(",", ":"))
     return text.encode("utf-8") + b"\n"
+
+
+def _plain(value: Any) -> Any:
+    """`dataclasses.asdict`, for our classes: their fields as dicts, tuples
+    as lists, without asdict's deep copy of every value."""
+    names = _FIELDS.get(type(value))
+    if names is not None:
+        return {name: _plain(getattr(value, name)) for name in names}
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    return value
 
 
 def from_json(data: bytes) -> Envelope:
@@ -165,10 +180,11 @@ def checked_json(data: bytes) -> dict[str, Any]:
     over a big spool) is exactly as strict.  ValueError for anything that
     is not an envelope."""
     try:
-        # What to_json writes begins "{\n": UTF-8, as json.loads would find
-        # (a byte order mark or a NUL makes it guess another), decoded
-        # here as it would decode it.
-        text = data.decode("utf-8", "surrogatepass") if data[:2] == b"{\n" else data
+        # What to_json writes begins '{"' (and what it wrote before,
+        # "{\n"): UTF-8, as json.loads would find (a byte order mark or a
+        # NUL makes it guess another), decoded here as it would decode it.
+        text = (data.decode("utf-8", "surrogatepass")
+                if data[:2] in (b'{"', b"{\n") else data)
         raw = json.loads(text)
         _ENVELOPE.valid(raw)
     except (KeyError, TypeError, AttributeError, RecursionError, OverflowError,

@@ -16,11 +16,12 @@ from mta.notices import Notice, notice_envelope
 from mta.spool import Spool
 
 
-def read_headers(spool: Spool, queue_id: str) -> bytes:
+def read_headers(spool: Spool, original: Envelope) -> bytes:
     """The original's header section (with our Received header), from the
-    start of its spool file."""
-    with open(spool.message_path(queue_id), "rb") as stream:
-        return header_section(stream.read(HEADER_LIMIT))
+    start of its spool file (never past the message: its envelope follows
+    it in the file)."""
+    with open(spool.message_path(original.queue_id), "rb") as stream:
+        return header_section(stream.read(min(HEADER_LIMIT, original.size)))
 
 
 def write_notice(
@@ -29,7 +30,7 @@ def write_notice(
 ) -> Envelope:
     """Commit the notice as a new message; its envelope.  Raises `OSError`
     (a full disk, an unreadable original) with nothing left behind."""
-    headers = read_headers(spool, original.queue_id)
+    headers = read_headers(spool, original)
     writer = spool.new_message()
     try:
         context = ReportContext(config.hostname, writer.queue_id, now,

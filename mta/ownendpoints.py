@@ -31,6 +31,7 @@ import ipaddress
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Generic, Protocol, TypeVar
 
 IsLocal = Callable[[str], bool]
@@ -122,6 +123,7 @@ def loop_reason(domain: str, ourselves: S, endpoint: Endpoint | None) -> str:
             f"{ourselves}:{ourselves.port} is this relay{why}")
 
 
+@lru_cache(maxsize=1024)  # asked for each delivery
 def _plain(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     # An IPv4-mapped IPv6 address reaches the IPv4 socket.
     ip = ipaddress.ip_address(address)

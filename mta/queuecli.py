@@ -241,7 +241,7 @@ def show_message(spool: Spool, text: str, as_json: bool) -> int:
         print(f"mta: {error}", file=sys.stderr)
         return 1
 
-    head = _head(spool.message_path(queue_id))
+    head = _head(spool.message_path(queue_id), envelope.size)
     if as_json:
         fields = [{"name": name, "value": value}
                   for name, value in header_fields(head)]
@@ -285,11 +285,12 @@ def describe(envelope: Envelope) -> list[str]:
     return lines
 
 
-def _head(path: Path) -> str:
-    """The message's header section, with newlines for CRLF."""
+def _head(path: Path, size: int) -> str:
+    """The message's header section, with newlines for CRLF (read from the
+    first ``size`` octets of its file: the envelope follows them)."""
     try:
         with open(path, "rb") as stream:
-            data = stream.read(64 * 1024)
+            data = stream.read(min(64 * 1024, size))
     except OSError as error:
         return f"  (cannot read {path}: {error.strerror})"
     end = data.find(b"\r\n\r\n")

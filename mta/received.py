@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
 import re
 from collections.abc import Sequence
 
@@ -68,5 +69,12 @@ def _printable(text: str) -> str:
 
 
 def _date(when: float) -> str:
-    moment = datetime.datetime.fromtimestamp(when, datetime.UTC)
+    return _date_of_second(int(when))
+
+
+@functools.lru_cache(maxsize=4)
+def _date_of_second(second: int) -> str:
+    # Whole seconds are all the header shows: one formatting a second
+    # serves every message received in it.
+    moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
     return email.utils.format_datetime(moment)

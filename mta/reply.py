@@ -36,6 +36,8 @@ class Reply:
         """A multi-line reply: RFC 2034 repeats the enhanced code on every
         line; it is kept once, in front."""
         first = cls.parse(code, lines[0] if lines else "")
+        if len(lines) <= 1 and len(first.text) <= MAX_TEXT:
+            return first  # most replies: one short line
         rest = []
         for line in lines[1:]:
             line = " ".join(line.split())

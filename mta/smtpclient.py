@@ -504,7 +504,8 @@ class DeliveryClient(smtp.ESMTPClient):
             self._body_failed(error)
             return
         self._body = BodyProducer(
-            body, self._wire, self._body_sent, self._body_failed, self.resetTimeout
+            body, self._transaction.size, self._wire, self._body_sent,
+            self._body_failed, self.resetTimeout,
         )
         self._wire.registerProducer(self._body, False)
 

@@ -4,17 +4,29 @@ the CLI share.
 Layout under the spool folder:
 
 - ``tmp/``: files being written; never read by anyone else.
-- ``queue/ID.msg``: the message bytes as they will go out (with our
-  Received header), written once and never changed.
-- ``queue/ID.env``: the envelope as JSON.  Its presence is what makes a
-  message exist: it is renamed into place only after ``ID.msg``.
+- ``queue/ID.msg``: the queue file, one per message, as Postfix has: the
+  message bytes as they will go out (with our Received header), a line
+  feed, then the envelope it was committed with, as one line of JSON.  Written once and
+  never changed; its presence is what makes a message exist.  Its
+  modification time is the moment the message is next due
+  (`mta.envelope.due_time`), so that due mail is found with one stat a
+  message; a new one is due at once.
+- ``queue/ID.env``: the envelope as JSON, once it has changed (a
+  delivery attempt that left recipients to do, a hold, a notice): it then
+  says what the end of ``ID.msg`` said before.  Most messages are
+  delivered at their first attempt and never have one.
 - ``corrupt/``: spool files that could not be read, moved aside.
+
+A spool of the first layout (``ID.env`` beside every ``ID.msg``, which held
+the message alone) reads the same: the envelope file is what counts when
+there is one, and the message is the first ``size`` octets either way.
 
 Durability (SPEC.md section 6): each file is written under a temporary name,
 fsync'd, renamed into place, and the folder fsync'd, before anyone is told
-the message is queued.  An envelope update is a whole new file renamed over
-the old one, so a reader never sees half an envelope, and a crash leaves
-either the old or the new one.
+the message is queued: one file and one fsync a message, and one fsync of
+the folder for every commit waiting together.  An envelope update is a
+whole new file renamed over the old one, so a reader never sees half an
+envelope, and a crash leaves either the old or the new one.
 
 Locking: a process that acts on a message (delivering it, or the CLI
 changing it) holds an exclusive `flock` on ``ID.msg``.  That file is never
@@ -125,17 +137,13 @@ def _write_all(descriptor: int, data: bytes | bytearray) -> None:
         written += os.write(descriptor, data[written:])
 
 
-def _write_durably(path: Path | str, data: bytes,
-                   mtime: float | None = None) -> None:
-    """A new file holding ``data`` (modified at ``mtime``), fsync'd; on any
-    failure (a full disk) nothing is left behind, so a retry does not eat
-    more space."""
+def _write_durably(path: Path | str, data: bytes) -> None:
+    """A new file holding ``data``, fsync'd; on any failure (a full disk)
+    nothing is left behind, so a retry does not eat more space."""
     try:
         descriptor = _create(path)
         try:
             _write_all(descriptor, data)
-            if mtime is not None:
-                os.utime(descriptor, (mtime, mtime))
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
@@ -153,21 +161,8 @@ def _read_regular(path: str, folder: int | None = None) -> bytes:
     ``path`` is relative to the open ``folder`` when it is given.  Plain
     descriptors, no file object: `mta queue list` reads every envelope of
     the spool this way."""
+    descriptor, status = _open_regular(path, folder)
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW,
-                             dir_fd=folder)
-    except OSError as error:
-        if error.errno in (errno.ELOOP, errno.ENXIO):
-            raise SpoolError(f"{os.path.basename(path)} is not a regular "
-                             "file") from None
-        raise
-    try:
-        status = os.fstat(descriptor)
-        if not stat.S_ISREG(status.st_mode):
-            if stat.S_ISDIR(status.st_mode):
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR),
-                                        path)
-            raise SpoolError(f"{os.path.basename(path)} is not a regular file")
         # One read for the size fstat gave, one byte more to see the end;
         # only a file that changed meanwhile needs more.
         size = status.st_size
@@ -179,6 +174,57 @@ def _read_regular(path: str, folder: int | None = None) -> bytes:
             data = os.read(descriptor, max(size, 65536))
             chunks.append(data)
         return b"".join(chunks)
+    finally:
+        os.close(descriptor)
+
+
+# An envelope at the end of a queue file is read from this many octets
+# before the end, more when it is longer (a thousand recipients); past
+# `MAX_ENVELOPE` the file is no queue file.
+TAIL_READ = 8192
+MAX_ENVELOPE = 16 * 1024 * 1024
+
+
+def _open_regular(path: str, folder: int | None) -> tuple[int, os.stat_result]:
+    """A regular file opened for reading, and its status; `SpoolError` for
+    anything else, `IsADirectoryError` for a folder (see `_read_regular`)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW,
+                             dir_fd=folder)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENXIO):
+            raise SpoolError(f"{os.path.basename(path)} is not a regular "
+                             "file") from None
+        raise
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode):
+        os.close(descriptor)
+        if stat.S_ISDIR(status.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        raise SpoolError(f"{os.path.basename(path)} is not a regular file")
+    return descriptor, status
+
+
+def _read_trailer(path: str, folder: int | None) -> tuple[bytes, int]:
+    """The last line of a queue file (the envelope it was committed with)
+    and where the message ends: at the line feed before it, which the
+    commit writes whatever the message's last octet."""
+    descriptor, status = _open_regular(path, folder)
+    try:
+        size = status.st_size
+        reach = TAIL_READ
+        while True:
+            start = max(0, size - reach)
+            tail = os.pread(descriptor, size - start, start)
+            if not tail.endswith(b"\n"):
+                raise SpoolError("no envelope at the end of the message file")
+            # The envelope has no line break: the one before it is ours.
+            cut = tail.rfind(b"\n", 0, len(tail) - 1)
+            if cut >= 0:
+                return tail[cut + 1:], start + cut
+            if start == 0 or reach >= MAX_ENVELOPE:
+                raise SpoolError("no envelope at the end of the message file")
+            reach *= 8
     finally:
         os.close(descriptor)
 
@@ -235,7 +281,7 @@ class Spool:
             names = os.listdir(self.queue)
         except FileNotFoundError:
             return []
-        return sorted(name[:-4] for name in names if name.endswith(".env"))
+        return sorted(name[:-4] for name in names if name.endswith(".msg"))
 
     def load(self, queue_id: str) -> Envelope:
         """The envelope; `FileNotFoundError` when the message is gone,
@@ -251,13 +297,31 @@ class Spool:
         return self._load_checked(queue_id, None)
 
     def _load_checked(self, queue_id: str, folder: int | None) -> dict[str, Any]:
+        return self._load_with_origin(queue_id, folder)[0]
+
+    def _load_with_origin(
+        self, queue_id: str, folder: int | None
+    ) -> tuple[dict[str, Any], bool]:
+        """The checked envelope, and whether it came from the queue file
+        itself (then the message file is whole by construction).  The
+        envelope file wins when there is one: it is the later word."""
         # folder: the queue folder, open (names relative to it), or None.
         if not is_queue_id(queue_id):
             raise SpoolError(f"{queue_id!r}: not a queue id", queue_id)
-        name = (f"{queue_id}.env" if folder is not None
-                else f"{self._queue_prefix}{queue_id}.env")
+        prefix = "" if folder is not None else self._queue_prefix
+        trailer = False
         try:
-            raw = checked_json(_read_regular(name, folder))
+            try:
+                raw = checked_json(_read_regular(f"{prefix}{queue_id}.env", folder))
+            except FileNotFoundError:
+                data, end = _read_trailer(f"{prefix}{queue_id}.msg", folder)
+                raw = checked_json(data)
+                trailer = True
+                # What the envelope says the message is must be what comes
+                # before it, octet for octet.
+                if raw["size"] != end:
+                    raise SpoolError(f"message file has {end} bytes before "
+                                     f"its envelope, which says {raw['size']}")
         except (SpoolError, ValueError) as error:
             raise SpoolError(f"{queue_id}: {error}", queue_id) from None
         # The name decides which files are the message's: an envelope that
@@ -265,11 +329,17 @@ class Spool:
         if raw["queue_id"] != queue_id:
             raise SpoolError(f"{queue_id}: the envelope names another message, "
                              f"{raw['queue_id']}", queue_id)
-        return raw
+        return raw, trailer
+
+    def read_message(self, envelope: Envelope) -> bytes:
+        """The message as it will go out: the first ``size`` octets of its
+        queue file (for the CLI and tests; delivery streams it)."""
+        with open(self.message_path(envelope.queue_id), "rb") as stream:
+            return stream.read(envelope.size)
 
     def earliest_due(self, limit: int) -> list[tuple[float, str]]:
         """The ``limit`` messages due soonest, as (due, queue id), from the
-        envelope files' modification times (`mta.envelope.due_time`): one
+        queue files' modification times (`mta.envelope.due_time`): one
         stat a message, and memory for ``limit`` entries, whatever the size
         of the queue.  A file whose time is wrong (an older spool, a copy)
         is only taken up too early, then stamped again."""
@@ -280,7 +350,7 @@ class Spool:
                 return
             with entries:
                 for entry in entries:
-                    if not entry.name.endswith(".env"):
+                    if not entry.name.endswith(".msg"):
                         continue
                     try:
                         yield entry.stat().st_mtime, entry.name[:-4]
@@ -290,9 +360,9 @@ class Spool:
         return heapq.nsmallest(limit, stamps())
 
     def stamp(self, queue_id: str, due: float) -> None:
-        """Set the envelope file's due time (not fsync'd: a lost stamp only
+        """Set the queue file's due time (not fsync'd: a lost stamp only
         makes the message come up early)."""
-        os.utime(self.envelope_path(queue_id), (due, due))
+        os.utime(self.message_path(queue_id), (due, due))
 
     def envelopes(self) -> Iterator[Envelope]:
         """Every readable envelope (see `scan` for the unreadable ones)."""
@@ -334,8 +404,9 @@ class Spool:
         try:
             for queue_id in queue_ids:
                 try:
-                    raw = self._load_checked(queue_id, folder)
-                    self._check_message_file(queue_id, raw["size"], folder)
+                    raw, whole = self._load_with_origin(queue_id, folder)
+                    if not whole:
+                        self._check_message_file(queue_id, raw["size"], folder)
                 except FileNotFoundError:
                     continue  # removed while we looked
                 except SpoolError as error:
@@ -360,30 +431,32 @@ class Spool:
                             folder: int | None) -> None:
         name = (f"{queue_id}.msg" if folder is not None
                 else f"{self._queue_prefix}{queue_id}.msg")
-        try:
-            size = os.stat(name, dir_fd=folder).st_size
-        except FileNotFoundError:
-            if self.envelope_path(queue_id).exists():
-                raise SpoolError(f"{queue_id}: message file is missing") from None
-            raise
-        if size != expected:
+        size = os.stat(name, dir_fd=folder).st_size
+        # The first ``expected`` octets are the message; a queue file has
+        # its first envelope after them, a file of the first layout not.
+        if size < expected:
             raise SpoolError(f"{queue_id}: message file has {size} bytes, the "
                              f"envelope says {expected}")
 
     def save(self, envelope: Envelope) -> None:
         """Replace the envelope durably (temporary file, fsync, rename,
-        folder fsync)."""
+        folder fsync), and set the queue file's due time."""
         queue_id = envelope.queue_id
         temporary = self.tmp / f"{queue_id}.env.{secrets.token_hex(4)}"
         # On a full disk the new file fails before the rename: the old
         # envelope stays whole, and no temporary file is left to fill tmp/.
-        _write_durably(temporary, to_json(envelope), due_time(envelope))
+        _write_durably(temporary, to_json(envelope))
         try:
             os.replace(temporary, self.envelope_path(queue_id))
         except BaseException:
             _unlink_quietly(temporary)
             raise
         self.queue_sync.sync()
+        due = due_time(envelope)
+        try:
+            self.stamp(queue_id, due)
+        except OSError:
+            pass  # a lost stamp only makes it come up early
 
     def remove(self, queue_id: str, lock: MessageLock | None = None) -> None:
         """Remove the message; with its ``lock``, release that too, once the
@@ -397,17 +470,18 @@ class Spool:
     def unlink(self, queue_id: str) -> None:
         """`remove` but the folder's fsync, which the caller owes (one may
         serve several removals: `mta.spoolworker`)."""
-        # Envelope first: without it the message no longer exists, and a
-        # crash in between leaves only an orphan .msg for `clean_orphans`.
+        # The queue file first: without it the message no longer exists,
+        # and a crash in between leaves only an orphan .env for
+        # `clean_orphans`.
         prefix = self._queue_prefix
-        for name in (f"{prefix}{queue_id}.env", f"{prefix}{queue_id}.msg"):
+        for name in (f"{prefix}{queue_id}.msg", f"{prefix}{queue_id}.env"):
             try:
                 os.unlink(name)
             except FileNotFoundError:
                 pass
 
     def quarantine(self, queue_id: str) -> None:
-        for path in (self.envelope_path(queue_id), self.message_path(queue_id)):
+        for path in (self.message_path(queue_id), self.envelope_path(queue_id)):
             try:
                 os.replace(path, self.corrupt / path.name)
             except FileNotFoundError:
@@ -415,24 +489,24 @@ class Spool:
         self.queue_sync.sync()
 
     def clean_orphans(self, older_than: float = 3600.0) -> list[str]:
-        """Remove what a crash left half-written: temporary files, and
-        message files without an envelope.  Only old ones, since another
-        process may be committing right now.
+        """Remove what a crash left half-done: temporary files, and
+        envelope files whose message was being removed.  Only old ones,
+        since another process may be committing right now.
 
         Run as the relay starts, over the whole queue: names only, the
-        envelopes' ids in a set and then the message files not in it, and
+        messages' ids in a set and then the envelope files not in it, and
         a `Path` and an lstat only for those few."""
         removed = []
         limit = time.time() - older_than
         candidates = list(self.tmp.iterdir())
         try:
             with os.scandir(self.queue) as entries:
-                envelopes = {entry.name[:-4] for entry in entries
-                             if entry.name.endswith(".env")}
+                messages = {entry.name[:-4] for entry in entries
+                            if entry.name.endswith(".msg")}
             with os.scandir(self.queue) as entries:
                 candidates += [self.queue / entry.name for entry in entries
-                               if entry.name.endswith(".msg")
-                               and entry.name[:-4] not in envelopes]
+                               if entry.name.endswith(".env")
+                               and entry.name[:-4] not in messages]
         except FileNotFoundError:
             pass  # no queue folder: no message files either
         for path in candidates:
@@ -475,7 +549,7 @@ class Spool:
                 raise Locked(f"{queue_id} is being delivered") from None
             raise
         # It may have been removed while we waited for the lock.
-        if not self.envelope_path(queue_id).exists():
+        if os.fstat(descriptor).st_nlink == 0:
             os.close(descriptor)
             raise FileNotFoundError(queue_id)
         return MessageLock(descriptor)
@@ -546,9 +620,18 @@ class MessageWriter:
         queue, and the lock is returned: no other process can take it up
         before its first delivery here.  On an error the caller calls
         `undo`."""
-        spool = self.spool
-        queue_id = self.queue_id
+        if envelope.size != self.size or envelope.queue_id != self.queue_id:
+            raise ValueError(f"{self.queue_id}: the envelope is not this "
+                             "message's (its id or size)")
+        # The envelope goes after the message, in the same file: one file
+        # and one fsync a message (see the module's docstring).
+        self._pending += b"\n" + to_json(envelope)
         self._flush()
+        due = due_time(envelope)
+        if due > time.time():
+            # Not due yet (a notice may be): the file's time says when.  A
+            # message due now needs no stamp, the file's own time is now.
+            os.utime(self.descriptor, (due, due))
         os.fsync(self.descriptor)
         lock = None
         if keep_lock:
@@ -559,14 +642,7 @@ class MessageWriter:
             os.close(self.descriptor)
         self.descriptor = -1
         try:
-            os.replace(self.path, f"{spool._queue_prefix}{queue_id}.msg")
-            temporary = f"{spool._tmp_prefix}{queue_id}.env"
-            # A message due now needs no stamp: the file's own time says
-            # so (`Spool.earliest_due`), and costs no system call.
-            due = due_time(envelope)
-            _write_durably(temporary, to_json(envelope),
-                           due if due > time.time() else None)
-            os.replace(temporary, f"{spool._queue_prefix}{queue_id}.env")
+            os.replace(self.path, f"{self.spool._queue_prefix}{self.queue_id}.msg")
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -576,14 +652,8 @@ class MessageWriter:
     def undo(self) -> None:
         """Throw away what `prepare` did, or what it got to before an
         error: nothing of the message is left."""
-        # Envelope first, as in `Spool.remove`: without it the message does
-        # not exist for anyone, whatever happens to the rest.
-        spool = self.spool
         self._close()
-        queue_id = self.queue_id
-        for path in (f"{spool._queue_prefix}{queue_id}.env",
-                     f"{spool._queue_prefix}{queue_id}.msg",
-                     f"{spool._tmp_prefix}{queue_id}.env", self.path):
+        for path in (f"{self.spool._queue_prefix}{self.queue_id}.msg", self.path):
             _unlink_quietly(path)
 
     def _close(self) -> None:

@@ -320,7 +320,7 @@ def _check(relay: RelayProcess, peer: Peer, seen: Seen, report: Report) -> None:
     deadline = time.monotonic() + GIVE_UP
     while time.monotonic() < deadline:
         arrived = set(message_ids_at(peer))
-        drained = not any(n.endswith(".env") for n in os.listdir(spool.queue))
+        drained = not any(n.endswith(".msg") for n in os.listdir(spool.queue))
         if wanted <= arrived and drained:
             break
         time.sleep(0.1)
@@ -333,7 +333,7 @@ def _check(relay: RelayProcess, peer: Peer, seen: Seen, report: Report) -> None:
     report.duplicates = report.copies - len(copies)
     report.lost = sorted(wanted - set(copies))
     assert report.lost == [], f"accepted, never delivered: {report.lost[:10]}"
-    assert not any(n.endswith(".env") for n in os.listdir(spool.queue)), (
+    assert not any(n.endswith(".msg") for n in os.listdir(spool.queue)), (
         "the spool did not drain")
 
     bound = report.unanswered + report.mid_delivery

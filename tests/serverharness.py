@@ -140,7 +140,7 @@ class Server:
         self.config = replace(self.config, limits=replace(self.config.limits, **limits))
 
     def message(self, queue_id: str) -> bytes:
-        return self.spool.message_path(queue_id).read_bytes()
+        return self.spool.read_message(self.spool.load(queue_id))
 
     def is_empty(self) -> bool:
         """Nothing queued, nothing half-written."""

@@ -819,20 +819,21 @@ def talk(
 
 
 def assert_spool_whole(relay: RelayProcess) -> None:
-    """tmp/ empty; queue/ only complete pairs, each loading with its size."""
+    """tmp/ empty; queue/ only queue files (and the envelope files of some
+    of them), each loading with its size."""
     spool = relay.spool
     deadline = time.monotonic() + 10
     while any(spool.tmp.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert list(spool.tmp.iterdir()) == []
-    names = sorted(path.name for path in spool.queue.iterdir())
-    ids = {name.rsplit(".", 1)[0] for name in names}
-    assert names == sorted(
-        f"{queue_id}.{ext}" for queue_id in ids for ext in ("env", "msg")
-    )
-    for queue_id in ids:
+    names = {path.name for path in spool.queue.iterdir()}
+    assert all(name.endswith(".msg") or (name.endswith(".env")
+                                         and f"{name[:-4]}.msg" in names)
+               for name in names), names
+    for queue_id in spool.queue_ids():
         envelope = spool.load(queue_id)
-        assert spool.message_path(queue_id).stat().st_size == envelope.size
+        spool.check_message(envelope)
+        assert len(spool.read_message(envelope)) == envelope.size
 
 
 def assert_log_clean(relay: RelayProcess) -> None:

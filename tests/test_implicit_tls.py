@@ -225,7 +225,7 @@ def test_smtp_ssl_sends_a_message(relay: RelayProcess) -> None:
     line = relay.wait_for_log("accepted from=<a@client.test>")
     assert line.endswith("listener=smtps tls=TLSv1.3/TLS_AES_128_GCM_SHA256")
     (envelope,) = relay.envelopes()
-    message = relay.spool.message_path(envelope.queue_id).read_bytes()
+    message = relay.spool.read_message(envelope)
     assert f"with ESMTPS id {envelope.queue_id}\r\n".encode() in message
 
 

@@ -27,7 +27,7 @@ def test_the_filled_spool_reads_as_the_relays_own(tmp_path: Path) -> None:
     assert len({envelope.queue_id for envelope in envelopes}) == 5
     for envelope in envelopes:
         assert [r.state for r in envelope.recipients] == [PENDING]
-        mtime = spool.envelope_path(envelope.queue_id).stat().st_mtime
+        mtime = spool.message_path(envelope.queue_id).stat().st_mtime
         assert abs(mtime - due_time(envelope)) < 1e-3
     assert os.listdir(spool.tmp) == []
     # All due now: the queue runner's scan takes every one.

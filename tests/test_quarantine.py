@@ -140,7 +140,7 @@ def test_whatever_is_put_in_the_queue_is_moved_aside_and_mail_goes_on(
     (spool.queue / f"{fifo_message}.env").write_bytes(
         envelope_bytes(fifo_message))
     folder = new_queue_id()
-    (spool.queue / f"{folder}.env").mkdir()
+    (spool.queue / f"{folder}.msg").mkdir()  # a queue file that is a folder
     other = new_queue_id()
     named_other = new_queue_id()
     put_named(spool, named_other, envelope_bytes(other))

@@ -113,7 +113,7 @@ def site(tmp_path: Path, relay_cert: Any, dns: DNSServer,
 @dataclass
 class SpoolSnapshot:
     envelopes: dict[str, Envelope]
-    orphans: set[str]  # ID.msg without ID.env: a commit or removal cut short
+    orphans: set[str]  # ID.env without ID.msg: a removal cut short
     leftovers: list[str]  # files in tmp/
 
     def delivered(self) -> set[tuple[str, str]]:
@@ -126,10 +126,10 @@ class SpoolSnapshot:
 def read_spool(spool: Spool) -> SpoolSnapshot:
     """Check the spool is readable, as the promise says, and read it.
 
-    In queue/ only ID.msg and ID.env; every envelope parses and has its
-    message; nothing moved to corrupt/.  A message file without envelope is
-    an orphan: it does not exist for anyone, and the queue runner removes
-    it once it is an hour old.
+    In queue/ only ID.msg and ID.env; every queue file's envelope parses
+    (its own, or its ID.env); nothing moved to corrupt/.  An envelope file
+    without queue file is an orphan: it does not exist for anyone, and the
+    queue runner removes it once it is an hour old.
     """
     names = sorted(os.listdir(spool.queue))
     strangers = [name for name in names if not SPOOL_NAME.match(name)]
@@ -137,17 +137,16 @@ def read_spool(spool: Spool) -> SpoolSnapshot:
 
     envelopes = {}
     for name in names:
-        if name.endswith(".env"):
+        if name.endswith(".msg"):
             queue_id = name[:-4]
             try:
                 envelopes[queue_id] = spool.load(queue_id)
+                spool.check_message(envelopes[queue_id])
             except SpoolError as error:
                 raise AssertionError(f"unreadable envelope: {error}") from None
-            assert spool.message_path(queue_id).exists(), (
-                f"{queue_id}: envelope without message file")
 
     orphans = {name[:-4] for name in names
-               if name.endswith(".msg") and name[:-4] not in envelopes}
+               if name.endswith(".env") and name[:-4] not in envelopes}
     assert os.listdir(spool.corrupt) == []
     return SpoolSnapshot(envelopes, orphans, sorted(os.listdir(spool.tmp)))
 
@@ -344,7 +343,7 @@ def test_kill_while_receiving_and_delivering_loses_nothing(site: Site) -> None:
           f"{len(left.envelopes)} messages ({len(partial)} partly delivered, "
           f"{len(unremoved)} delivered but not yet removed, "
           f"{len(recorded)} recipients recorded as sent), {len(left.orphans)} "
-          f"orphan message files, {len(left.leftovers)} files in tmp/; "
+          f"orphan envelope files, {len(left.leftovers)} files in tmp/; "
           f"{len(unacknowledged)} committed without the client seeing 250; "
           f"{len(twice)} recipients sent twice (mid-delivery at the kill): "
           f"{sorted(twice)}")

@@ -698,3 +698,127 @@ async def test_the_host_name_goes_as_sni(
 
     assert result.tls is not None
     assert seen == [sent]
+
+
+# Pipelining: the groups a client sends (RFC 2920).
+
+
+class GroupServer(protocol.Protocol):
+    """Answers nothing until the group it waits for is complete: the
+    commands up to DATA (each answered as ``replies`` says), then all
+    their replies in one write.  A client that waited for a reply before
+    sending the rest of its group would wait for ever.  Records each
+    group, and the body of each message taken."""
+
+    def __init__(self, groups: list[list[str]], bodies: list[bytes],
+                 replies: dict[str, bytes]) -> None:
+        self.groups, self.bodies, self.replies = groups, bodies, replies
+        self.buffer = b""
+        self.group: list[str] = []
+        self.in_body = False
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"220 group.test ESMTP\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            if self.in_body:
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    return
+                self.bodies.append(self.buffer[: end + 5])
+                self.buffer = self.buffer[end + 5:]
+                self.in_body = False
+                self.transport.write(b"250 2.0.0 taken\r\n")
+                continue
+            line, found, rest = self.buffer.partition(b"\r\n")
+            if not found:
+                return
+            self.buffer = rest
+            self.command(line.decode())
+
+    def command(self, line: str) -> None:
+        verb = line.split(" ")[0].upper()
+        if verb == "EHLO":
+            self.transport.write(b"250-group.test\r\n250 PIPELINING\r\n")
+        elif verb == "QUIT":
+            self.transport.write(b"221 bye\r\n")
+            self.transport.loseConnection()
+        else:
+            self.group.append(line)
+            if verb == "DATA":
+                self.groups.append(self.group)
+                answers = [self.replies.get(command.split(" ")[0].upper(), b"250 ok")
+                           for command in self.group]
+                self.group = []
+                self.transport.write(b"".join(a + b"\r\n" for a in answers))
+                self.in_body = answers[-1].startswith(b"354")
+
+
+def group_server(groups: list[list[str]], bodies: list[bytes],
+                 replies: dict[str, bytes] | None = None) -> Any:
+    answers = {"DATA": b"354 go on", **(replies or {})}
+    factory = protocol.Factory.forProtocol(
+        lambda: GroupServer(groups, bodies, answers))
+    return reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kept_connection_sends_rset_mail_rcpt_and_data_in_one_group(
+    body: Path,
+) -> None:
+    from mta.config import ConnectionReuse
+    from mta.connectioncache import ConnectionCache
+
+    groups: list[list[str]] = []
+    bodies: list[bytes] = []
+    port = group_server(groups, bodies)
+    cache = ConnectionCache(reactor, ConnectionReuse())
+    kept = settings(reuse_key="one")
+    try:
+        results = []
+        for recipient in ("a@peer.test", "b@peer.test"):
+            results.append(await cache.session(
+                target(port.getHost().port), transaction(body, recipient, "c@peer.test"),
+                kept))
+    finally:
+        cache.close()
+        await port.stopListening()
+
+    assert [result.data_reply.code for result in results
+            if result.data_reply] == [250, 250]
+    assert results[1].connection_use == 2
+    mail = "MAIL FROM:<sender@relay.test>"  # no SIZE offered
+    assert groups == [
+        [mail, "RCPT TO:<a@peer.test>", "RCPT TO:<c@peer.test>", "DATA"],
+        ["RSET", mail, "RCPT TO:<b@peer.test>", "RCPT TO:<c@peer.test>", "DATA"],
+    ]
+    assert bodies == [body.read_bytes() + b".\r\n"] * 2
+
+
+@pytest.mark.parametrize("refused", ["RCPT", "MAIL"])
+@pytest_twisted.ensureDeferred
+async def test_a_354_to_a_pipelined_data_after_a_refusal_gets_no_body(
+    body: Path, refused: str
+) -> None:
+    """RFC 2920 3.1 says the server refuses DATA when no RCPT was taken;
+    one that says 354 anyway gets no message: the connection is dropped,
+    since only that ends the DATA it opened without one."""
+    groups: list[list[str]] = []
+    bodies: list[bytes] = []
+    port = group_server(groups, bodies, {refused: b"550 5.1.1 no"})
+    try:
+        result = await deliver(reactor, target(port.getHost().port),
+                               transaction(body, "a@peer.test"), settings())
+    finally:
+        await port.stopListening()
+
+    assert len(groups) == 1 and groups[0][-1] == "DATA"
+    assert bodies == []
+    assert result.data_reply is None
+    if refused == "RCPT":
+        assert result.rcpt_replies["a@peer.test"].code == 550
+    else:
+        assert result.failure is not None and result.failure.reply is not None
+        assert result.failure.reply.code == 550

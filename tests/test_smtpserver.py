@@ -562,7 +562,7 @@ def test_starttls_is_tls13_and_facts_reach_the_spool(listening: Listening) -> An
     assert envelope.client.listener == "mx"
     assert envelope.client.address == "127.0.0.1"
     assert [item.queue_id for item in listening.queued] == [queue_id]
-    message = listening.spool.message_path(queue_id).read_bytes()
+    message = listening.spool.read_message(envelope)
     assert b"with ESMTPS id" in message
     assert message.endswith(b"\r\n\r\nhello\r\n")
 

@@ -82,7 +82,7 @@ def test_an_envelope_survives_json_with_history_and_tls_facts() -> None:
 
 
 def test_the_json_form_carries_its_version() -> None:
-    assert b'"version": 1' in to_json(sample())
+    assert b'"version":1' in to_json(sample())
 
 
 GARBAGE = [
@@ -94,7 +94,7 @@ GARBAGE = [
     b"42",
     b'"an envelope"',
     b"{}",
-    to_json(sample()).replace(b'"version": 1', b'"version": 2'),
+    to_json(sample()).replace(b'"version":1', b'"version":2'),
     to_json(sample()).replace(b'"client"', b'"customer"'),
     to_json(sample()).replace(b'"sender"', b'"colour"'),
     to_json(sample()).replace(b'"matched"', b'"colour"'),
@@ -138,25 +138,80 @@ def spool(tmp_path: Path) -> Spool:
     return spool
 
 
-def commit(spool: Spool, body: bytes = b"Subject: hi\r\n\r\nhello\r\n") -> str:
+BODY = b"Subject: hi\r\n\r\nhello\r\n"
+
+
+def sample_of(queue_id: str, body: bytes = BODY) -> Envelope:
+    """`sample` as committed with ``body``: its size is the body's."""
+    return replace(sample(queue_id), size=len(body))
+
+
+def commit(spool: Spool, body: bytes = BODY) -> str:
     writer = spool.new_message()
     writer.write(body[:5])
     writer.write(body[5:])
     assert writer.size == len(body)
-    writer.commit(sample(writer.queue_id))
+    writer.commit(sample_of(writer.queue_id, body))
     return writer.queue_id
 
 
-def test_commit_puts_message_and_envelope_in_the_queue(spool: Spool) -> None:
-    queue_id = commit(spool, b"Subject: hi\r\n\r\n.dotted\r\n")
+def test_commit_puts_one_queue_file_in_the_queue(spool: Spool) -> None:
+    """The message, then the envelope it was committed with: one file."""
+    body = b"Subject: hi\r\n\r\n.dotted\r\n"
+    queue_id = commit(spool, body)
 
-    assert sorted(os.listdir(spool.queue)) == [f"{queue_id}.env",
-                                               f"{queue_id}.msg"]
+    assert os.listdir(spool.queue) == [f"{queue_id}.msg"]
     assert os.listdir(spool.tmp) == []
     assert spool.message_path(queue_id).read_bytes() == (
-        b"Subject: hi\r\n\r\n.dotted\r\n")
-    assert spool.load(queue_id) == sample(queue_id)
+        body + b"\n" + to_json(sample_of(queue_id, body)))
+    assert spool.read_message(spool.load(queue_id)) == body
+    assert spool.load(queue_id) == sample_of(queue_id, body)
     assert spool.queue_ids() == [queue_id]
+
+
+def test_a_commit_takes_only_the_envelope_of_its_message(spool: Spool) -> None:
+    writer = spool.new_message()
+    writer.write(BODY)
+    for wrong in (sample(writer.queue_id), sample_of("0000000000009FFFF")):
+        with pytest.raises(ValueError, match="not this message's"):
+            writer.commit(wrong)
+    assert os.listdir(spool.queue) == []
+
+
+def test_a_queue_file_whose_envelope_does_not_fit_is_a_spool_error(
+    spool: Spool,
+) -> None:
+    """The envelope at the end must say the message is what comes before
+    it: a file cut short, or grown, is damaged."""
+    grown, cut, headless = commit(spool), commit(spool), commit(spool)
+    path = spool.message_path(grown)
+    path.write_bytes(b"X" + path.read_bytes())
+    path = spool.message_path(cut)
+    path.write_bytes(path.read_bytes()[3:])
+    spool.message_path(headless).write_bytes(BODY)
+
+    for queue_id, why in ((grown, "bytes before its envelope"),
+                          (cut, "bytes before its envelope"),
+                          (headless, "not a valid envelope")):
+        with pytest.raises(SpoolError, match=why):
+            spool.load(queue_id)
+
+
+def test_a_spool_of_the_first_layout_reads_the_same(spool: Spool) -> None:
+    """Before: the message alone in ID.msg, its envelope in ID.env."""
+    queue_id = new_queue_id()
+    envelope = sample_of(queue_id)
+    spool.message_path(queue_id).write_bytes(BODY)
+    spool.envelope_path(queue_id).write_bytes(to_json(envelope))
+
+    assert spool.load(queue_id) == envelope
+    assert spool.read_message(envelope) == BODY
+    assert spool.scan() == ([envelope], [])
+    with spool.lock(queue_id):
+        spool.save(replace(envelope, hold=False))
+    assert spool.load(queue_id) == replace(envelope, hold=False)
+    spool.remove(queue_id)
+    assert os.listdir(spool.queue) == []
 
 
 def test_a_message_being_written_is_only_in_tmp(spool: Spool) -> None:
@@ -180,20 +235,28 @@ def test_queue_ids_are_unique_and_sorted_by_arrival(spool: Spool) -> None:
 
 
 def test_save_replaces_the_envelope_whole(spool: Spool) -> None:
-    """A new file is renamed over the old one: a reader holding the old
-    file still reads all of it, and nothing is left in tmp/."""
+    """The first save puts an envelope file beside the queue file, which
+    never changes; a later one is a new file renamed over the old: a
+    reader holding the old file still reads all of it, and nothing is left
+    in tmp/."""
     queue_id = commit(spool)
+    queue_file = spool.message_path(queue_id).read_bytes()
+    first = sample_of(queue_id).with_recipient(
+        Recipient("c@example.com", state=env.FAILED, dsn="5.1.1"))
+    spool.save(first)
+    assert spool.load(queue_id) == first
     path = spool.envelope_path(queue_id)
     old_inode = path.stat().st_ino
-    changed = sample(queue_id).with_recipient(
+    changed = first.with_recipient(
         Recipient("b@example.org", state=env.DELIVERED, dsn="2.0.0"))
 
     with open(path, "rb") as reader:
         spool.save(changed)
-        assert from_json(reader.read()) == sample(queue_id)
+        assert from_json(reader.read()) == first
 
     assert path.stat().st_ino != old_inode
     assert spool.load(queue_id) == changed
+    assert spool.message_path(queue_id).read_bytes() == queue_file
     assert os.listdir(spool.tmp) == []
 
 
@@ -237,14 +300,16 @@ def test_quarantine_moves_both_files_aside(spool: Spool) -> None:
 
 def test_clean_orphans_removes_only_old_orphans(spool: Spool) -> None:
     """Another process may be committing right now: young files stay, and
-    a committed message stays whatever its age."""
+    a committed message stays whatever its age.  An orphan in the queue is
+    an envelope file whose message was being removed."""
     old = time.time() - 7200
     committed = commit(spool)
+    spool.save(sample_of(committed))  # it has an envelope file too
     paths = {
         "old tmp": spool.tmp / "OLDTMP.msg",
         "young tmp": spool.tmp / "YOUNGTMP.msg",
-        "old orphan": spool.queue / "OLDORPHAN.msg",
-        "young orphan": spool.queue / "YOUNGORPHAN.msg",
+        "old orphan": spool.queue / "OLDORPHAN.env",
+        "young orphan": spool.queue / "YOUNGORPHAN.env",
     }
     for path in paths.values():
         path.write_bytes(b"x")
@@ -256,7 +321,7 @@ def test_clean_orphans_removes_only_old_orphans(spool: Spool) -> None:
 
     removed = spool.clean_orphans(older_than=3600)
 
-    assert sorted(removed) == ["OLDORPHAN.msg", "OLDTMP.msg"]
+    assert sorted(removed) == ["OLDORPHAN.env", "OLDTMP.msg"]
     assert not paths["old tmp"].exists()
     assert not paths["old orphan"].exists()
     assert paths["young tmp"].exists() and paths["young orphan"].exists()
@@ -318,7 +383,7 @@ def test_our_lock_keeps_another_process_out_until_released(
 
     with spool.lock(queue_id):
         # An envelope rewrite does not loosen the lock (it is on ID.msg).
-        spool.save(sample(queue_id))
+        spool.save(sample_of(queue_id))
         refused = other_process(spool, queue_id)
         out, _ = refused.communicate(timeout=10)
         assert out == "Locked\n"
@@ -335,14 +400,34 @@ def test_a_removed_message_cannot_be_locked(spool: Spool) -> None:
         spool.lock(queue_id)
 
 
-def test_a_message_whose_envelope_is_gone_cannot_be_locked(
+def test_a_message_removed_while_we_waited_cannot_be_locked(
     spool: Spool,
 ) -> None:
-    """Removed while we waited: the envelope goes first."""
+    """The lock is on the queue file, which a removal unlinks first: a
+    process that got the lock after the removal holds a file that is gone."""
     queue_id = commit(spool)
-    spool.envelope_path(queue_id).unlink()
-    with pytest.raises(FileNotFoundError):
-        spool.lock(queue_id)
+    holder = other_process(spool, queue_id)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == "locked\n"
+        waiting: list[BaseException] = []
+
+        def wait_for_it() -> None:
+            try:
+                spool.lock(queue_id, wait=True)
+            except BaseException as error:
+                waiting.append(error)
+
+        waiter = threading.Thread(target=wait_for_it)
+        waiter.start()
+        time.sleep(0.2)  # it waits for the lock now
+        spool.unlink(queue_id)
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()
+        holder.wait(timeout=10)
+    waiter.join(timeout=10)
+    assert [type(error) for error in waiting] == [FileNotFoundError]
 
 
 BAD_FIELDS = [
@@ -394,18 +479,19 @@ def test_scan_reports_unreadable_and_short_messages(spool: Spool) -> None:
     garbage = committed(spool)
     spool.envelope_path(garbage).write_bytes(b"\x00\xff not json")
     short = committed(spool)
+    spool.save(spool.load(short))  # its envelope in a file of its own
     path = spool.message_path(short)
     path.write_bytes(path.read_bytes()[:5])
-    missing = committed(spool)
-    spool.message_path(missing).unlink()
+    removing = committed(spool)
+    spool.save(spool.load(removing))
+    spool.message_path(removing).unlink()  # a removal half done
 
     envelopes, bad = spool.scan()
 
     assert [e.queue_id for e in envelopes] == [good]
     assert sorted(problem.queue_id for problem in bad) == sorted(
-        [garbage, short, missing])
+        [garbage, short])
     assert any("message file has 5 bytes" in str(p) for p in bad)
-    assert any("message file is missing" in str(p) for p in bad)
 
 
 
@@ -418,15 +504,13 @@ def test_scan_checked_is_scan_one_message_at_a_time(spool: Spool) -> None:
     short = committed(spool)
     spool.message_path(short).write_bytes(b"x")
     other = committed(spool)
-    os.replace(spool.envelope_path(committed(spool)),
-               spool.envelope_path(other))  # names another message
+    spool.envelope_path(other).write_bytes(
+        to_json(spool.load(good)))  # names another message
     fifo = committed(spool)
-    spool.envelope_path(fifo).unlink()
     os.mkfifo(spool.envelope_path(fifo))
     link = committed(spool)
-    spool.envelope_path(link).unlink()
-    spool.envelope_path(link).symlink_to(spool.envelope_path(good))
-    (spool.queue / "lower.env").write_bytes(b"{}")
+    spool.envelope_path(link).symlink_to(spool.message_path(good))
+    (spool.queue / "lower.msg").write_bytes(b"{}")
     last = committed(spool)
 
     envelopes, bad = spool.scan()
@@ -446,7 +530,6 @@ def test_scan_checked_is_scan_one_message_at_a_time(spool: Spool) -> None:
 def test_a_folder_for_an_envelope_cannot_be_read_now(spool: Spool) -> None:
     # As before: an OSError (try again later), not a damaged envelope.
     queue_id = committed(spool)
-    spool.envelope_path(queue_id).unlink()
     spool.envelope_path(queue_id).mkdir()
 
     with pytest.raises(IsADirectoryError):
@@ -478,17 +561,20 @@ def test_an_empty_or_missing_queue_scans_as_nothing(tmp_path: Path) -> None:
 
 def test_clean_orphans_leaves_all_but_old_orphan_files(spool: Spool) -> None:
     """Whatever else is there: folders, links, names that are no queue id;
-    and a big queue whose messages all stay."""
+    and a big queue whose messages all stay, with or without an envelope
+    file."""
     old = time.time() - 7200
     kept = [committed(spool) for _ in range(200)]
-    (spool.queue / "odd name.env").write_bytes(b"{}")
+    for queue_id in kept[::2]:
+        spool.save(spool.load(queue_id))
+    (spool.queue / "odd name.msg").write_bytes(b"{}")
     made = {
-        spool.queue / "odd name.msg": "file",  # has its "envelope"
-        spool.queue / "ORPHAN.msg": "file",
-        spool.queue / ".hidden.msg": "file",
-        spool.queue / ".msg": "file",
-        spool.queue / "FOLDER.msg": "folder",
-        spool.queue / "LINK.msg": "link",
+        spool.queue / "odd name.env": "file",  # has its "message"
+        spool.queue / "ORPHAN.env": "file",
+        spool.queue / ".hidden.env": "file",
+        spool.queue / ".env": "file",
+        spool.queue / "FOLDER.env": "folder",
+        spool.queue / "LINK.env": "link",
         spool.queue / "NOTAMESSAGE": "file",
         spool.tmp / "OLD.env": "file",
         spool.tmp / "olddir": "folder",
@@ -504,13 +590,15 @@ def test_clean_orphans_leaves_all_but_old_orphan_files(spool: Spool) -> None:
         os.utime(path, (old, old), follow_symlinks=kind != "link")
     for queue_id in kept:
         for path in (spool.message_path(queue_id), spool.envelope_path(queue_id)):
-            os.utime(path, (old, old))
+            if path.exists():
+                os.utime(path, (old, old))
 
     removed = spool.clean_orphans(older_than=3600)
 
-    assert sorted(removed) == [".hidden.msg", ".msg", "OLD.env", "ORPHAN.msg"]
+    assert sorted(removed) == [".env", ".hidden.env", "OLD.env", "ORPHAN.env"]
     assert spool.queue_ids() == sorted([*kept, "odd name"])
     assert all(spool.message_path(queue_id).exists() for queue_id in kept)
+    assert all(spool.envelope_path(queue_id).exists() for queue_id in kept[::2])
     for path in made:
         assert path.exists() or path.is_symlink() or path.name in removed
     assert spool.clean_orphans(older_than=3600) == []
