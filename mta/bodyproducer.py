@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IPullProducer
 from zope.interface import implementer
 
 from mta.bodyencoder import BodyEncoder
+from mta.sendnow import write_now
 
 CHUNK_SIZE = 64 * 1024
 
@@ -41,6 +42,17 @@ class BodyProducer:
         self._encoder = BodyEncoder()
         self._next: bytes | None = None
         self._stopped = False
+        self._registered = False
+
+    def start(self) -> None:
+        """Send the body: at once when it fits one chunk (most mail), else
+        as the transport asks for it, a chunk at a time."""
+        if self._left > CHUNK_SIZE:
+            self._registered = True
+            self._transport.registerProducer(self, False)
+            return
+        # One read, one write: no producer to register and unregister.
+        self.resumeProducing()
 
     def resumeProducing(self) -> None:
         if self._stopped:
@@ -55,10 +67,16 @@ class BodyProducer:
 
         data = self._encoder.encode(chunk)
         if self._next:
+            # Through Twisted's buffer: its draining is what asks a pull
+            # producer for the next chunk.
             self._transport.write(data)
             self._progress()
             return
-        self._transport.write(data + self._encoder.finish())
+        data += self._encoder.finish()
+        if self._registered:
+            self._transport.write(data)
+        else:
+            write_now(self._transport, data)
         self._stop()
         self._sent()
 
@@ -75,7 +93,9 @@ class BodyProducer:
 
     def _stop(self) -> None:
         self._stopped = True
-        self._transport.unregisterProducer()
+        if self._registered:
+            self._registered = False
+            self._transport.unregisterProducer()
         self._body.close()
 
     def stopProducing(self) -> None:

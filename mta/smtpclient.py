@@ -507,7 +507,7 @@ class DeliveryClient(smtp.ESMTPClient):
             body, self._transaction.size, self._wire, self._body_sent,
             self._body_failed, self.resetTimeout,
         )
-        self._wire.registerProducer(self._body, False)
+        self._body.start()
 
     def _body_sent(self) -> None:
         self._body = None

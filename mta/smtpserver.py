@@ -110,6 +110,7 @@ from mta.serverreplies import (
     write_error_reply,
 )
 from mta.serverreplies import too_many_errors as too_many_errors_reply
+from mta.sendnow import write_now
 from mta.serversession import (
     CommitMessage,
     MessageInProgress,
@@ -164,6 +165,7 @@ class RelayServer(smtp.ESMTP):
         self._tls_started = False
         self._waiting = False  # a reply is pending: hold the input
         self._processing = False
+        self._unsent: list[bytes] = []  # replies made while input is handled
         self._closing = False
         self._stopping = False  # the relay stops: no new transaction
         self._errors = 0  # error replies so far (limits.errors)
@@ -208,7 +210,7 @@ class RelayServer(smtp.ESMTP):
 
     def _greet(self) -> None:
         # RFC 2034: no enhanced status code in the greeting.
-        self.transport.write(b"220 " + self.greeting() + b"\r\n")
+        self._write(b"220 " + self.greeting() + b"\r\n")
         self.setTimeout(self.idle_timeout)
 
     def greeting(self) -> bytes:
@@ -268,6 +270,7 @@ class RelayServer(smtp.ESMTP):
         self._closing = True
         self.setTimeout(None)
         self._stop_data_deadline()
+        self._send_replies()
         if self._producing:
             # Twisted's loseConnection waits for a registered producer that
             # is paused: it would never close.
@@ -427,6 +430,9 @@ class RelayServer(smtp.ESMTP):
                 self._line_received(*line)
         finally:
             self._processing = False
+            # The replies to what one read brought go out together (a
+            # pipelining client gets them in one segment).
+            self._send_replies()
         if self._stopping:
             self._close_if_idle()
         self._end_if_read_closed()
@@ -552,11 +558,25 @@ class RelayServer(smtp.ESMTP):
         # Replies are ASCII (RFC 5321 4.2); "replace" keeps a stray
         # character from becoming an exception in the reactor.
         line = reply_text(reply).encode("ascii", "replace")
-        self.transport.write(line + b"\r\n")
+        self._write(line + b"\r\n")
         if reply.code == 452 and reply.dsn == "4.5.3":
             self._overshoot += 1
         if counts_as_error(reply, self._overshoot):
             self._errors += 1
+
+    def _write(self, data: bytes) -> None:
+        """A reply: kept while a read is being handled (`_process` sends
+        them all at its end), else sent at once (`mta.sendnow`)."""
+        if self._processing:
+            self._unsent.append(data)
+        else:
+            write_now(self.transport, data)
+
+    def _send_replies(self) -> None:
+        if self._unsent:
+            data = b"".join(self._unsent)
+            self._unsent.clear()
+            write_now(self.transport, data)
 
     def _answer(self, command: str, reply: Reply) -> None:
         """Reply to a transaction command; a refusal is logged."""
@@ -582,7 +602,7 @@ class RelayServer(smtp.ESMTP):
         # RFC 2034: no enhanced status codes in the reply to EHLO.
         *lines, last = self._ehlo_lines()
         text = "".join(f"250-{line}\r\n" for line in lines) + f"250 {last}\r\n"
-        self.transport.write(text.encode("ascii"))
+        self._write(text.encode("ascii"))
 
     def smtp_HELO(self, argument: str) -> None:
         if not argument:
@@ -647,6 +667,7 @@ class RelayServer(smtp.ESMTP):
         if self._auth is not None:
             self._auth.reset()
         self._tls_started = True
+        self._send_replies()  # the 220 in the clear, then TLS
         self.transport.startTLS(self.settings.tls_creator)
 
     def _start_implicit_tls(self) -> bool:
@@ -700,7 +721,7 @@ class RelayServer(smtp.ESMTP):
 
     def send_challenge(self, prompt: str) -> None:
         # RFC 4954 4: "334" SP [base64]; the space stays when it is empty.
-        self.transport.write(b"334 " + prompt.encode("ascii") + b"\r\n")
+        self._write(b"334 " + prompt.encode("ascii") + b"\r\n")
 
     def hold_input(self) -> None:
         """A login is being checked: later commands wait (RFC 2920 3.1),

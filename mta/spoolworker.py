@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from mta.envelope import Envelope
 from mta.spool import MessageLock, MessageWriter, Spool
+
+_log = Logger(namespace="mta.spoolworker")
 
 
 @dataclass(slots=True)
@@ -84,26 +86,37 @@ class _Batch:
 class SpoolWorker:
     """Commits and removals for one spool, done by one thread in batches.
     `start` before use; `stop` once nothing more is asked (it waits for
-    the batch under way)."""
+    the batch under way).  The thread is ours rather than one of Twisted's
+    pool: the hand-off is one condition to signal, and only when the
+    thread waits for work."""
 
     def __init__(self, reactor: Any, spool: Spool) -> None:
         self._reactor = reactor
         self._spool = spool
-        self._pool = ThreadPool(1, 1, name="mta-spool")
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
         self._queued: list[Any] = []
-        self._draining = False  # a drain is queued or running in the thread
-        self._running = False
+        self._waiting = False  # the thread waits for work
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def _running(self) -> bool:
+        return self._thread is not None and not self._stopping
 
     def start(self) -> None:
-        self._pool.start()
-        self._running = True
+        self._thread = threading.Thread(target=self._work, name="mta-spool",
+                                        daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        """Wait for the batch under way; later work is done at once, on
+        """Wait for the work asked so far; later work is done at once, on
         the caller's thread."""
-        self._running = False
-        self._pool.stop()
+        if self._thread is None:
+            return
+        with self._changed:
+            self._stopping = True
+            self._changed.notify()
+        self._thread.join()
 
     # --- asked on the reactor thread -------------------------------------
 
@@ -128,24 +141,31 @@ class SpoolWorker:
             # Not started, or stopped: blocking, but nothing is lost.
             self._finished(self._run([item]))
             return
-        with self._lock:
+        with self._changed:
             self._queued.append(item)
-            if self._draining:
-                return  # the drain under way takes it
-            self._draining = True
-        self._pool.callInThread(self._drain)
+            if self._waiting:
+                self._changed.notify()
+            # Else the thread is at work, and takes it with the next batch.
 
     # --- in the spool thread ----------------------------------------------
 
-    def _drain(self) -> None:
+    def _work(self) -> None:
         while True:
-            with self._lock:
+            with self._changed:
+                while not self._queued and not self._stopping:
+                    self._waiting = True
+                    self._changed.wait()
+                    self._waiting = False
                 items, self._queued = self._queued, []
-                if not items:
-                    self._draining = False
-                    return
-            batch = self._run(items)
-            self._reactor.callFromThread(self._finished, batch)
+            if not items:
+                return  # stopping, and nothing left
+            try:
+                batch = self._run(items)
+                self._reactor.callFromThread(self._finished, batch)
+            except BaseException:
+                # `_run` gives every item an outcome; this is a bug, and
+                # the thread must live on for the next batch.
+                _log.failure("spool work failed")
 
     def _run(self, items: list[Any]) -> _Batch:
         batch = _Batch()

@@ -180,7 +180,7 @@ def wait_until(done: Any, timeout: float, what: str) -> None:
 
 
 def spool_is_empty(spool: Spool) -> bool:
-    return not any(name.endswith(".env") for name in os.listdir(spool.queue))
+    return not any(name.endswith(".msg") for name in os.listdir(spool.queue))
 
 
 def queue_list(relay: RelayProcess) -> list[dict[str, Any]]:
