@@ -17,6 +17,7 @@ class Options:
     repeat: int
     postfix: bool
     workers: int  # the relay's worker processes
+    cpu_affinity: str  # the relay's cpu_affinity: "spread" or "none"
 
 
 def parse_size(text: str) -> int:
@@ -96,6 +97,13 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         default=os.cpu_count() or 1,
         help="the relay's worker processes (default: one per CPU)",
     )
+    parser.add_argument(
+        "--cpu-affinity",
+        choices=("spread", "none"),
+        default="spread",
+        help="the relay's cpu_affinity setting (default spread: each worker"
+        " on a CPU of its own)",
+    )
     args = parser.parse_args(argv)
 
     modes = tuple(
@@ -109,4 +117,5 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         repeat=args.repeat,
         postfix=not args.no_postfix,
         workers=args.workers,
+        cpu_affinity=args.cpu_affinity,
     )

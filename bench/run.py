@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                     SINK_ADDRESS,
                     certs,
                     options.workers,
+                    options.cpu_affinity,
                 )
                 measure(setup, options.repeat, with_postfix, work)
     finally:
@@ -102,7 +103,8 @@ def header(options: Options, with_postfix: bool, work: Path) -> list[str]:
         + f" Linux {platform.release()}, Python {platform.python_version()}",
         f"spool and queue in {work} ({file_system(work)}), fsync'd;"
         + f" load average before: {os.getloadavg()[0]:.2f}",
-        f"checkout: {checkout()}; relay workers: {options.workers}",
+        f"checkout: {checkout()}; relay workers: {options.workers},"
+        + f" cpu_affinity: {options.cpu_affinity}",
         f"plaintext: {plain_tools};"
         + " TLS: bench.loadclient -> MTA -> bench.smtpsink",
     ]

@@ -60,6 +60,7 @@ def relay_config(
     cert: CertFiles,
     tls: bool,
     workers: int = 1,
+    cpu_affinity: str = "none",
 ) -> dict[str, Any]:
     """The benchmark configuration: one submission listener, every domain
     routed to the sink (brackets: no MX lookup), the spool fsync'd as
@@ -87,6 +88,7 @@ def relay_config(
         # A hiccup is retried at once rather than stalling the run.
         "delivery": {"retry_schedule": ["1s"]},
         "workers": workers,
+        "cpu_affinity": cpu_affinity,
     }
 
 
@@ -103,12 +105,13 @@ class Relay:
         cert: CertFiles,
         tls: bool,
         workers: int = 1,
+        cpu_affinity: str = "none",
     ) -> None:
         self.folder = folder
         self.address = address
         self.port = free_port(address)
         self.config = relay_config(
-            folder, address, self.port, sink, cert, tls, workers
+            folder, address, self.port, sink, cert, tls, workers, cpu_affinity
         )
         self.process: subprocess.Popen[bytes] | None = None
 

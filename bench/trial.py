@@ -34,6 +34,7 @@ class Setup:
     sink_address: str
     certs: dict[str, CertFiles]
     workers: int = 1  # the relay's worker processes
+    cpu_affinity: str = "none"  # the relay's cpu_affinity setting
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,7 @@ def run_trial(kind: str, setup: Setup, folder: Path) -> Sample:
             setup.certs["relay.bench.test"],
             tls,
             setup.workers,
+            setup.cpu_affinity,
         )
     else:
         subject = Postfix(

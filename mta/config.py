@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
+from mta import cpuaffinity
 from mta.configfiles import check_regular, read_regular_text
 from mta.configreader import Reader, load_yaml, shown, yaml_problem
 from mta.users import Users, UsersFileError, load_users
@@ -51,6 +52,8 @@ FALLBACKS = ("plaintext", "defer")
 # A listener's TLS: STARTTLS offered on a plaintext connection, or TLS from
 # the first byte (RFC 8314 "implicit TLS", port 465).
 LISTENER_TLS = ("starttls", "implicit")
+CPU_AFFINITY = cpuaffinity.CHOICES
+NONE = cpuaffinity.NONE
 
 # SPEC.md section 1: the lists Proofpoint Essentials published, with the
 # ECDSA twin before each ECDHE-RSA suite so ECDSA certificates work at 1.2.
@@ -243,6 +246,8 @@ class Config:
     proxy_addresses: tuple[Endpoint, ...] = ()
     # Processes that share the listening sockets and the spool (mta.workers).
     workers: int = 1
+    # "spread": each worker on a CPU of its own (mta.cpuaffinity).
+    cpu_affinity: str = "none"
 
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower().rstrip(".") in self.domains
@@ -333,7 +338,7 @@ def _check_spool(reader: Reader, spool: Path) -> Path | None:
 _TOP_KEYS = (
     "hostname", "spool", "tls", "listeners", "limits", "domains", "routes",
     "dns", "delivery", "defaults", "policies", "log_transcript", "notices",
-    "metrics", "proxy_addresses", "workers",
+    "metrics", "proxy_addresses", "workers", "cpu_affinity",
 )
 
 # More processes than this only contend for the same spool folder.
@@ -377,6 +382,8 @@ def _parse(
     metrics = _parse_metrics(reader, top.get("metrics"), listeners)
     proxies = _parse_proxy_addresses(reader, top, listeners)
     workers = _parse_workers(reader, top, metrics)
+    cpu_affinity = reader.value(top, "", "cpu_affinity",
+                                parse_choice(*CPU_AFFINITY), default=NONE) or NONE
     _check_no_loop(reader, domains, routes, _own_endpoints(listeners, proxies))
 
     if reader.problems:
@@ -402,6 +409,7 @@ def _parse(
         metrics=metrics,
         proxy_addresses=proxies,
         workers=workers,
+        cpu_affinity=cpu_affinity,
     )
 
 

@@ -125,6 +125,9 @@ def needs_restart(in_use: Config, new: Config) -> list[str]:
     if in_use.workers != new.workers:
         changes.append(f"workers changes from {in_use.workers} to "
                        f"{new.workers}")
+    if in_use.cpu_affinity != new.cpu_affinity:
+        changes.append(f"cpu_affinity changes from {in_use.cpu_affinity} to "
+                       f"{new.cpu_affinity}")
     return changes
 
 

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort
 from twisted.python import usage
 
-from mta import __version__
+from mta import __version__, cpuaffinity
 from mta.clientlimits import ClientConnections
 from mta.authcheck import Verifier
 from mta.authfailures import FailureTable
@@ -70,12 +70,17 @@ class RelayService(service.Service):
         reactor: Any = None,
         inherited: tuple[InheritedSocket, ...] | None = None,
         number: int = 1,
+        cpus: tuple[int, ...] | None = None,
     ) -> None:
         # inherited: the listening sockets of a worker process started by
         # the first one (mta.workers); None in the first process, which
         # binds them itself.
         self.inherited = inherited
         self.number = number
+        # The CPUs the first process started with (mta.cpuaffinity); a
+        # worker is told them, since it starts on its parent's CPU.
+        self.cpus = cpus
+        self.cpu: int | None = None
         self.pool: WorkerPool | None = None
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -185,6 +190,7 @@ class RelayService(service.Service):
 
     def startService(self) -> None:
         self._open_spool()
+        self._pin()  # before any thread is started: they stay on its CPU
         self.spool_worker.start()
         service.Service.startService(self)
         names = ", ".join(f"{listener.name}={listener.address}:{listener.port}"
@@ -194,7 +200,8 @@ class RelayService(service.Service):
         log_event("info", f"{who} started: config={self.config.path} "
                   f"spool={self.config.spool} listeners={names}"
                   + (f" workers={self.config.workers}"
-                     if self.config.workers > 1 and self.number == 1 else ""),
+                     if self.config.workers > 1 and self.number == 1 else "")
+                  + (f" cpu={self.cpu}" if self.cpu is not None else ""),
                   "start")
         if self.number == 1:
             log_certificate_warnings(self.live)
@@ -204,6 +211,7 @@ class RelayService(service.Service):
                 self.reactor, self.config.path, self.config.workers,
                 [(listener.name, listener.address, port) for listener, port
                  in zip(self.config.listeners, self.ports)],
+                self.cpus,
             )
             self.pool.start()
 
@@ -224,6 +232,13 @@ class RelayService(service.Service):
             return stopped
         # The workers stop alongside, each as gracefully as this one.
         return DeferredList([stopped, self.pool.stop(timeout)])
+
+    def _pin(self) -> None:
+        if self.config.cpu_affinity != cpuaffinity.SPREAD:
+            return
+        if self.cpus is None:
+            self.cpus = cpuaffinity.usable_cpus()
+        self.cpu = cpuaffinity.pin(self.number, self.cpus)
 
     def _open_spool(self) -> None:
         try:

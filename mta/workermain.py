@@ -19,6 +19,7 @@ from typing import Any
 from twisted.logger import globalLogBeginner, jsonFileLogObserver
 
 from mta.config import ConfigError, load_config
+from mta.cpuaffinity import parse_cpus
 from mta.logs import line_as_json
 from mta.workers import parse_listen
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--number", type=int, required=True)
     parser.add_argument("--listen", action="append", default=[],
                         type=parse_listen)
+    parser.add_argument("--cpus", type=parse_cpus, default=None)
     options = parser.parse_args(argv)
     try:
         config = load_config(options.config)
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from mta.service import RelayService
 
     relay = RelayService(config, reactor, inherited=tuple(options.listen),
-                         number=options.number)
+                         number=options.number, cpus=options.cpus)
     relay.privilegedStartService()
     relay.startService()
     reactor.addSystemEventTrigger("before", "shutdown", relay.stopService)

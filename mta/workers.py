@@ -29,7 +29,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
+from mta.cpuaffinity import format_cpus
 from mta.logs import line_from_json, log_event
 
 FIRST_RESTART_DELAY = 1.0
@@ -70,14 +71,18 @@ def socket_family(address: str) -> int:
 
 
 def worker_command(
-    config_path: Path, number: int, sockets: Iterable[InheritedSocket]
+    config_path: Path, number: int, sockets: Iterable[InheritedSocket],
+    cpus: Sequence[int] | None = None,
 ) -> list[str]:
-    """The command line of worker ``number`` (pure)."""
+    """The command line of worker ``number`` (pure); ``cpus``: the CPUs
+    the first process started with, when workers are pinned."""
     command = [sys.executable, "-m", "mta.workermain", "--config", str(config_path),
                "--number", str(number)]
     for inherited in sockets:
         value = f"{inherited.name}={inherited.descriptor}/{inherited.family}"
         command += ["--listen", value]
+    if cpus:
+        command += ["--cpus", format_cpus(cpus)]
     return command
 
 
@@ -157,6 +162,7 @@ class WorkerPool:
         config_path: Path,
         count: int,
         ports: list[tuple[str, str, Any]],
+        cpus: Sequence[int] | None = None,
     ) -> None:
         # ports: (listener name, address, IListeningPort) of the first
         # process; their descriptors are what the workers inherit.
@@ -164,6 +170,7 @@ class WorkerPool:
         self.config_path = config_path
         self.count = count
         self.ports = ports
+        self.cpus = cpus  # pin the workers (mta.cpuaffinity) to these
         # The workers running now, by number; each one's transport is its
         # process.
         self.protocols: dict[int, WorkerProtocol] = {}
@@ -187,7 +194,7 @@ class WorkerPool:
             child_fds[descriptor] = port.fileno()
             sockets.append(InheritedSocket(name, descriptor,
                                            socket_family(address)))
-        command = worker_command(self.config_path, number, sockets)
+        command = worker_command(self.config_path, number, sockets, self.cpus)
         protocol = WorkerProtocol(self, number)
         self.reactor.spawnProcess(
             protocol, command[0], command, env=os.environ.copy(),
