@@ -252,14 +252,16 @@ class QueueRunner:
         """Deliver what is due of one message (``taken``: its envelope and
         lock in hand, see `adopt`); the destinations it must wait for, if
         any (see `_park`)."""
+        given: Envelope | None = None
+        lock: MessageLock | None
         if taken is not None:
             given, lock = taken
         else:
             lock = self._lock(queue_id)
-            if lock is None:
-                return []
+        if lock is None:
+            return []
         try:
-            envelope = given if taken is not None else self._load(queue_id)
+            envelope = given if given is not None else self._load(queue_id)
             if envelope is None:
                 return []
             due = due_time(envelope)

@@ -225,9 +225,7 @@ class RelayService(service.Service):
         stopped = Deferred.fromCoroutine(stop_gracefully(
             self.reactor, ports, self.factories, self.queue, timeout,
         ))
-        # Then QUIT to every delivery connection kept idle.
-        stopped.addBoth(lambda result: (self.live.connections.close(),
-                                        self.spool_worker.stop(), result)[2])
+        stopped.addBoth(self._stopped)
         if self.pool is None:
             return stopped
         # The workers stop alongside, each as gracefully as this one.
@@ -239,6 +237,13 @@ class RelayService(service.Service):
         if self.cpus is None:
             self.cpus = cpuaffinity.usable_cpus()
         self.cpu = cpuaffinity.pin(self.number, self.cpus)
+
+    def _stopped(self, result: object) -> object:
+        # Then QUIT to every delivery connection kept idle, and the spool
+        # thread ends once its last batch is done.
+        self.live.connections.close()
+        self.spool_worker.stop()
+        return result
 
     def _open_spool(self) -> None:
         try:

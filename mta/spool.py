@@ -613,7 +613,9 @@ class MessageWriter:
             self.undo()
             raise
 
-    def prepare(self, envelope: Envelope, keep_lock: bool = False) -> MessageLock | None:
+    def prepare(
+        self, envelope: Envelope, keep_lock: bool = False
+    ) -> MessageLock | None:
         """`commit` but the queue folder's fsync, which the caller owes
         before anyone is told (one may serve a batch: `mta.spoolworker`).
         With ``keep_lock`` the message is locked before it appears in the

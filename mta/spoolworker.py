@@ -22,7 +22,6 @@ reported as errors (the queue runner saves the envelope instead).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +80,11 @@ class _Removal:
 class _Batch:
     items: list[Any] = field(default_factory=list)
     outcomes: list[tuple[Any, object]] = field(default_factory=list)
+
+
+def _caught() -> Failure:
+    """The exception being handled, as a Failure."""
+    return Failure()  # type: ignore[no-untyped-call]
 
 
 class SpoolWorker:
@@ -173,7 +177,7 @@ class SpoolWorker:
             try:
                 item.run()
             except BaseException:
-                batch.outcomes.append((item, Failure()))
+                batch.outcomes.append((item, _caught()))
                 item.failed()
                 continue
             batch.items.append(item)
@@ -182,7 +186,7 @@ class SpoolWorker:
         try:
             self._spool.queue_sync.sync()
         except BaseException:
-            failure = Failure()
+            failure = _caught()
             for item in batch.items:
                 item.failed()
                 batch.outcomes.append((item, failure))
@@ -195,7 +199,8 @@ class SpoolWorker:
     # --- back on the reactor thread -----------------------------------------
 
     def _finished(self, batch: _Batch) -> None:
-        fire: Callable[[Any], Any]
         for item, outcome in batch.outcomes:
-            fire = item.done.errback if isinstance(outcome, Failure) else item.done.callback
-            fire(outcome)
+            if isinstance(outcome, Failure):
+                item.done.errback(outcome)
+            else:
+                item.done.callback(outcome)
