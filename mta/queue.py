@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, DeferredList
@@ -81,6 +81,8 @@ class QueueRunner:
         self.clock = clock
         self._schedule = Schedule(ACTIVE_LIMIT)
         self._active: dict[str, Deferred[list[NextHop]]] = {}
+        # Removals on their way to disk (`_remove`): a stop waits for them.
+        self._removing: set[Deferred[None]] = set()
         self._parked: dict[str, float] = {}  # queue id -> since when
         self._timer: IDelayedCall | None = None
         self._scanner = LoopingCall(self.scan)
@@ -101,14 +103,21 @@ class QueueRunner:
                       "files left by a crash", "spool-clean")
         self._scanner.start(SCAN_INTERVAL, now=True)
 
-    def stop(self) -> Deferred[object]:
+    def stop(self) -> Deferred[None]:
         """Stop starting deliveries; fires when those under way are done."""
         self._stopping = True
         if self._scanner.running:
             self._scanner.stop()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        return DeferredList(list(self._active.values()))
+        return Deferred.fromCoroutine(self._drained())
+
+    async def _drained(self) -> None:
+        # Deliveries under way end in removals; wait for those too, so
+        # that each message removed is logged as such before the stop.
+        await DeferredList(list(self._active.values()))
+        while self._removing:
+            await DeferredList(list(self._removing))
 
     @property
     def delivering(self) -> int:
@@ -273,7 +282,9 @@ class QueueRunner:
             waiting: list[Group] = []
             if not envelope.is_done:
                 envelope, waiting = await self._deliver(envelope)
-            await self._finish(envelope, lock, waiting)
+            if await self._finish(envelope, waiting):
+                self._remove(envelope, lock)
+                lock = None  # the removal releases it, once durable
             return list(dict.fromkeys(group.next_hop for group in waiting))
         except Exception:
             log.failure("{queue_id}: internal error while delivering; the "
@@ -281,7 +292,8 @@ class QueueRunner:
             self._hold_after_error(queue_id)
             return []
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
 
     def _lock(self, queue_id: str) -> MessageLock | None:
         try:
@@ -390,20 +402,17 @@ class QueueRunner:
                          now - envelope.arrival)
         return envelope
 
-    async def _finish(
-        self, envelope: Envelope, lock: MessageLock, waiting: list[Group]
-    ) -> None:
+    async def _finish(self, envelope: Envelope, waiting: list[Group]) -> bool:
+        """Notices, then what comes next: True when the message is to be
+        removed (`_remove`), else it is scheduled again."""
         # Bounces and delay notices first: a message leaves the spool only
         # once every recipient is final and every failure reported.
         notified = await self._send_notices(envelope)
         if notified is None:
-            return  # the next scan tries again
+            return False  # the next scan tries again
         envelope = notified
         if is_finished(envelope):
-            await self._remove(envelope, lock)
-            log_event("info", f"{envelope.queue_id}: removed", "removed",
-                      queue_id=envelope.queue_id)
-            return
+            return True
         # Recipients waiting for a turn are due now, but their destination
         # wakes the message (`_park`): only the others set the time.
         parked = {address for group in waiting for address in group.recipients}
@@ -412,20 +421,47 @@ class QueueRunner:
         due = due_time(replace(envelope, recipients=rest))
         if rest and due != HELD_DUE:
             self._schedule.add(envelope.queue_id, due)
+        return False
 
-    async def _remove(self, envelope: Envelope, lock: MessageLock) -> None:
+    def _remove(self, envelope: Envelope, lock: MessageLock) -> None:
+        """Remove the message, which takes its lock: released, and the
+        message logged as removed, once the removal is durable.  Nothing
+        waits for that (`mta.spoolworker` lets a removal share the next
+        commit's fsync): the lock keeps every other reader out meanwhile,
+        so the message's place is free for the next one at once."""
+        queue_id = envelope.queue_id
+        removing: Deferred[None]
+        if self.spool_worker is not None:
+            removing = self.spool_worker.remove(queue_id, lock)
+        else:
+            removing = threads.deferToThread(self.spool.remove, queue_id, lock)
+        self._removing.add(removing)
+
+        def removed(_: None) -> None:
+            log_event("info", f"{queue_id}: removed", "removed", queue_id=queue_id)
+
+        def not_removed(failure: Failure) -> Deferred[None]:
+            return Deferred.fromCoroutine(
+                self._not_removed(envelope, lock, failure))
+
+        removing.addCallbacks(removed, not_removed)
+        removing.addBoth(lambda _: self._removing.discard(removing))
+
+    async def _not_removed(
+        self, envelope: Envelope, lock: MessageLock, failure: Failure
+    ) -> None:
+        queue_id = envelope.queue_id
         try:
-            if self.spool_worker is not None:
-                await self.spool_worker.remove(envelope.queue_id, lock)
-            else:
-                await threads.deferToThread(self.spool.remove, envelope.queue_id,
-                                            lock)
-        except OSError:
-            # The envelope on disk may predate the deliveries (see
-            # `_deliver`): record them before the error holds the message.
-            await save_envelope(self.reactor, self.spool, envelope,
-                                lambda: self._stopping)
-            raise
+            if isinstance(failure.value, OSError):
+                # The envelope on disk may predate the deliveries (see
+                # `_deliver`): record them before the error holds it.
+                await save_envelope(self.reactor, self.spool, envelope,
+                                    lambda: self._stopping)
+            log.failure("{queue_id}: internal error while removing it; the "
+                        "message is put on hold", failure, queue_id=queue_id)
+            self._hold_after_error(queue_id)
+        finally:
+            lock.release()
 
     async def _send_notices(self, envelope: Envelope) -> Envelope | None:
         """Write the bounces and delay notice ``envelope`` needs into the

@@ -17,11 +17,18 @@ fsync'd after the last rename; a removal is given back once its unlinks
 are fsync'd too.  A folder fsync that fails fails every item of its batch:
 commits are undone (their clients are told to send again), removals are
 reported as errors (the queue runner saves the envelope instead).
+
+A removal is in no hurry (nobody waits for it: the message is gone for
+every reader once unlinked, and its lock is held until the unlink is
+durable), so it waits for the next commit's folder fsync, which covers it
+too, for at most `REMOVAL_WAIT`.  While mail comes in, removals cost no
+fsync of their own.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,9 +41,14 @@ from mta.spool import MessageLock, MessageWriter, Spool
 
 _log = Logger(namespace="mta.spoolworker")
 
+# How long a removal may wait for a commit's folder fsync to share.
+REMOVAL_WAIT = 0.05
+
 
 @dataclass(slots=True)
 class _Commit:
+    urgent = True  # a client waits for its 250
+
     writer: MessageWriter
     envelope: Envelope
     done: Deferred[MessageLock | None]
@@ -59,6 +71,8 @@ class _Commit:
 
 @dataclass(slots=True)
 class _Removal:
+    urgent = False  # see the module's docstring: it may wait for a commit
+
     spool: Spool
     queue_id: str
     lock: MessageLock | None
@@ -143,7 +157,7 @@ class SpoolWorker:
     def _queue(self, item: Any) -> None:
         if not self._running:
             # Not started, or stopped: blocking, but nothing is lost.
-            self._finished(self._run([item]))
+            self._finished(self._run([item], [], sync_now=True))
             return
         with self._changed:
             self._queued.append(item)
@@ -154,25 +168,52 @@ class SpoolWorker:
     # --- in the spool thread ----------------------------------------------
 
     def _work(self) -> None:
+        unsynced: list[Any] = []  # removals done, waiting for an fsync
+        since = 0.0  # when the first of them began to wait
         while True:
             with self._changed:
-                while not self._queued and not self._stopping:
-                    self._waiting = True
-                    self._changed.wait()
-                    self._waiting = False
-                items, self._queued = self._queued, []
-            if not items:
+                items, stopping = self._next_items(unsynced, since)
+            if not items and not unsynced and stopping:
                 return  # stopping, and nothing left
             try:
-                batch = self._run(items)
-                self._reactor.callFromThread(self._finished, batch)
+                waited_enough = (bool(unsynced)
+                                 and time.monotonic() - since >= REMOVAL_WAIT)
+                batch = self._run(items, unsynced,
+                                  sync_now=stopping or waited_enough)
+                if not unsynced and batch.items:
+                    since = time.monotonic()  # removals begin to wait
+                unsynced = batch.items
+                if batch.outcomes:
+                    self._reactor.callFromThread(self._finished, batch)
             except BaseException:
                 # `_run` gives every item an outcome; this is a bug, and
                 # the thread must live on for the next batch.
+                unsynced = []
                 _log.failure("spool work failed")
 
-    def _run(self, items: list[Any]) -> _Batch:
-        batch = _Batch()
+    def _next_items(
+        self, unsynced: list[Any], since: float
+    ) -> tuple[list[Any], bool]:
+        """What is queued, once there is some, or once removals that wait
+        have waited `REMOVAL_WAIT` (called holding ``_changed``)."""
+        while not self._queued and not self._stopping:
+            timeout = None
+            if unsynced:
+                timeout = since + REMOVAL_WAIT - time.monotonic()
+                if timeout <= 0:
+                    break
+            self._waiting = True
+            self._changed.wait(timeout)
+            self._waiting = False
+        items, self._queued = self._queued, []
+        return items, self._stopping
+
+    def _run(self, items: list[Any], waiting: list[Any], sync_now: bool) -> _Batch:
+        """Do ``items``; fsync the folder for them and for the removals
+        ``waiting`` when a commit needs it or ``sync_now``.  Without the
+        fsync the removals done are the batch's ``items``, still waiting,
+        and have no outcome yet."""
+        batch = _Batch(items=list(waiting))
         for item in items:
             try:
                 item.run()
@@ -182,6 +223,8 @@ class SpoolWorker:
                 continue
             batch.items.append(item)
         if not batch.items:
+            return batch
+        if not sync_now and not any(item.urgent for item in batch.items):
             return batch
         try:
             self._spool.queue_sync.sync()
@@ -194,6 +237,7 @@ class SpoolWorker:
             return batch
         for item in batch.items:
             batch.outcomes.append((item, item.result()))
+        batch.items = []
         return batch
 
     # --- back on the reactor thread -----------------------------------------

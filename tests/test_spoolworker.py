@@ -46,16 +46,15 @@ class FolderFsyncs:
     """The folder fsyncs made, each as (began, ended, queue files then),
     slowed down so that commits asked meanwhile pile up."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: int = 0) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> None:
         self.rounds: list[tuple[float, float, set[str]]] = []
-        self.fail = fail
+        self.fail = fail  # every fsync fails while this is true
         real = spool_module._fsync_folder
 
         def fsync(path: Path) -> None:
             began = time.monotonic()
             time.sleep(0.05)
             if self.fail:
-                self.fail -= 1
                 raise OSError(5, "Input/output error")
             real(path)
             self.rounds.append((began, time.monotonic(), set(os.listdir(path))))
@@ -110,7 +109,7 @@ async def test_commits_asked_together_share_one_folder_fsync(
 async def test_a_failed_folder_fsync_fails_its_batch_and_leaves_nothing(
     spool: Spool, worker: SpoolWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    FolderFsyncs(monkeypatch, fail=1)
+    fsyncs = FolderFsyncs(monkeypatch, fail=True)
     messages = [new_message(spool) for _ in range(3)]
 
     results = await defer.DeferredList(
@@ -122,6 +121,7 @@ async def test_a_failed_folder_fsync_fails_its_batch_and_leaves_nothing(
     assert os.listdir(spool.queue) == [] and os.listdir(spool.tmp) == []
 
     # The next batch works.
+    fsyncs.fail = False
     writer, envelope = new_message(spool)
     assert await worker.commit(writer, envelope) is None
     assert spool.queue_ids() == [writer.queue_id]
@@ -204,3 +204,57 @@ def deferToThread(function: Any, *args: Any) -> defer.Deferred[Any]:
     from twisted.internet import threads
 
     return threads.deferToThread(function, *args)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_removal_shares_the_next_commits_folder_fsync(
+    spool: Spool, worker: SpoolWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer, envelope = new_message(spool)
+    await worker.commit(writer, envelope)
+    fsyncs = FolderFsyncs(monkeypatch)
+
+    removing = worker.remove(writer.queue_id, spool.lock(writer.queue_id))
+    await deferLater(0.01)
+    assert not removing.called  # waits for a commit to share an fsync with
+    assert os.listdir(spool.queue) == []  # but is unlinked already
+    second, envelope = new_message(spool)
+    await defer.gatherResults([worker.commit(second, envelope), removing])
+
+    assert len(fsyncs.rounds) == 1
+    assert fsyncs.rounds[0][2] == {f"{second.queue_id}.msg"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_removal_alone_waits_no_longer_than_its_bound(
+    spool: Spool, worker: SpoolWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mta import spoolworker
+
+    writer, envelope = new_message(spool)
+    await worker.commit(writer, envelope)
+    fsyncs = FolderFsyncs(monkeypatch)
+    lock = spool.lock(writer.queue_id)
+
+    began = time.monotonic()
+    await worker.remove(writer.queue_id, lock)
+    waited = time.monotonic() - began
+
+    assert spoolworker.REMOVAL_WAIT <= waited < spoolworker.REMOVAL_WAIT + 1.0
+    assert len(fsyncs.rounds) == 1 and lock.descriptor == -1
+
+
+def test_a_stop_makes_waiting_removals_durable(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = SpoolWorker(reactor, spool)
+    worker.start()
+    writer, envelope = new_message(spool)
+    writer.commit(envelope)
+    fsyncs = FolderFsyncs(monkeypatch)
+    lock = spool.lock(writer.queue_id)
+
+    worker.remove(writer.queue_id, lock)
+    worker.stop()  # at once, well within REMOVAL_WAIT
+
+    assert len(fsyncs.rounds) == 1 and lock.descriptor == -1
