@@ -93,6 +93,11 @@ class QueueRunner:
         # the next interval (a backlog after an outage drains at once).
         self._backlog = False
         self._scanning = False
+        # A delivery can end before `_start` returns (no free turn for its
+        # destination, a lock another process holds): its end must not
+        # call `_pump` from inside `_pump`, or a backlog of such messages
+        # nests one call per message until Python's recursion limit.
+        self._pumping = False
 
     # --- life cycle ----------------------------------------------------
 
@@ -195,18 +200,22 @@ class QueueRunner:
                   "spool-corrupt", queue_id=name)
 
     def _pump(self) -> None:
-        if self._stopping:
-            return
+        if self._stopping or self._pumping:
+            return  # the loop under way sees the place just freed
         now = self.clock()
         limit = self.get_config().delivery.concurrency
-        while len(self._active) < limit:
-            queue_id = self._schedule.pop_due(now)
-            if queue_id is None:
-                break
-            # One under way reschedules itself when done; a parked one is
-            # woken by its destination.
-            if queue_id not in self._active and queue_id not in self._parked:
-                self._start(queue_id)
+        self._pumping = True
+        try:
+            while len(self._active) < limit:
+                queue_id = self._schedule.pop_due(now)
+                if queue_id is None:
+                    break
+                # One under way reschedules itself when done; a parked one
+                # is woken by its destination.
+                if queue_id not in self._active and queue_id not in self._parked:
+                    self._start(queue_id)
+        finally:
+            self._pumping = False
         self._arm_timer(now)
         self._scan_again_if_drained(now)
 

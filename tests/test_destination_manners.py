@@ -8,6 +8,8 @@ memory in test_destinations.py."""
 
 from __future__ import annotations
 
+import smtplib
+import ssl
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -227,3 +229,41 @@ def test_a_slow_destination_does_not_keep_mail_for_others_waiting(
     # The rest are taken up as turns free, two at a time.
     slow.wait_for(8, timeout=30)
     assert slow.most_sessions == 2
+
+
+def unverified_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def test_a_backlog_with_no_free_turn_is_delivered_without_recursion(
+    world: World,
+) -> None:
+    # Three hundred messages due at once for one destination that takes
+    # two at a time, with places for a hundred deliveries: at the first
+    # scan after a restart all but two find no free turn and end before
+    # they are even under way.  Each of those ends once, and the queue
+    # runner goes on; none may be lost to a RecursionError.
+    world.mx("backlog.test", (10, "mx.backlog.test", "127.0.8.31"))
+    relay = world.start(delivery={"concurrency": 100,
+                                  "destination_concurrency": 2})
+    address, port = relay.listener("submission")
+    with smtplib.SMTP(address, port, local_hostname="client.test",
+                      timeout=30) as client:
+        client.starttls(context=unverified_context())
+        for n in range(300):
+            client.sendmail("alice@org.test", [f"u{n}@backlog.test"], MESSAGE)
+    relay.stop()
+
+    peer = world.peer(smtppeer.plain, "127.0.8.31")
+    relay.start()
+
+    received = peer.wait_for(300, timeout=60)
+    assert sorted(m.rcpt_tos[0] for m in received) == sorted(
+        f"u{n}@backlog.test" for n in range(300))
+    assert peer.most_sessions <= 2
+    log = relay.log()
+    assert "RecursionError" not in log and "Traceback" not in log
+    assert list((Path(relay.config["spool"]) / "corrupt").iterdir()) == []
