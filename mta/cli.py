@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from mta import queuecli, userscli
-from mta.certcheck import certificate_warnings
 from mta.config import (
     Config,
     ConfigError,
@@ -85,6 +84,10 @@ def check_config(path: Path, args: argparse.Namespace) -> int:
     """Every problem of the file, exit status 1; or "ok", exit status 0,
     then a line "warning: ..." for each thing that works but will not for
     long, or not for every client (mta.certcheck)."""
+    # Imported here: cryptography takes a tenth of a second to load, which
+    # `mta queue list` need not wait for.
+    from mta.certcheck import certificate_warnings
+
     try:
         config = load_config(path)
     except ConfigError as error:

@@ -7,13 +7,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
-from dataclasses import asdict
+from contextlib import closing
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Generator, Iterable
 
-from mta import queueops
+from mta import inorder, queueops
 from mta.envelope import Envelope, in_field_order
 from mta.queueops import ALL, Operations, Outcome, Selection
 from mta.spool import Spool, SpoolError
@@ -126,36 +128,99 @@ def _run(spool: Spool, args: argparse.Namespace) -> int:
 # --- list ------------------------------------------------------------------------
 
 
-def list_messages(spool: Spool, selection: Selection, as_json: bool) -> int:
-    """Each message printed as it is read (oldest first, as the spool
-    lists them), the unreadable ones after them: memory stays flat
-    whatever the size of the queue.  What is printed is the envelope's
-    checked JSON form (`Spool.scan_checked`): the checks are `load`'s, and
-    no `Envelope` is made."""
-    if as_json:
-        _list_json(spool, selection)
-    else:
-        _list_text(spool, selection)
+def list_messages(
+    spool: Spool, selection: Selection, as_json: bool, workers: int | None = None
+) -> int:
+    """The messages printed as they are read, a `PART` at a time (oldest
+    first, as the spool lists them), the unreadable ones after them:
+    memory stays flat whatever the size of the queue.  What is printed is
+    the envelope's checked JSON form (`Spool.scan_listed`): the checks are
+    `load`'s, and no `Envelope` is made.  A queue of more than one part is
+    read by ``workers`` processes at once (default: one a processor, up to
+    `LIST_WORKERS`), its parts printed in order (`mta.inorder`)."""
+    # Closed at once when printing fails (`| head`): no worker is left.
+    with closing(_parts(spool, selection, as_json, workers)) as parts:
+        if as_json:
+            _list_json(parts)
+        else:
+            _list_text(spool, parts, selection.is_everything)
     return 0
 
 
-def _list_json(spool: Spool, selection: Selection) -> None:
-    # One JSON array, an envelope a line (json.dumps without indent is the
-    # C encoder's work), each as `dataclasses.asdict` of its Envelope.
-    write = sys.stdout.write
+# Messages read and formatted at a time: some 30 ms of work, and what a
+# worker holds while it waits for its turn to print.
+PART = 1000
+# At most this many: a listing on a big server should leave the relay
+# beside it processors of its own.
+LIST_WORKERS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """What `PART` messages of the listing come to."""
+
+    text: str  # the selected messages, as standard output shows them
+    readable: int
+    chosen: int
+    unreadable: list[tuple[str, str]]  # (queue id, what is wrong)
+
+
+def _parts(spool: Spool, selection: Selection, as_json: bool,
+           workers: int | None) -> Generator[_Part, None, None]:
+    listing = spool.listing()
+    count = (len(listing.queue_ids) + PART - 1) // PART
+    if workers is None:
+        workers = inorder.workers_available(LIST_WORKERS)
+
+    def part(number: int) -> _Part:
+        items = spool.scan_listed(listing, number * PART, (number + 1) * PART)
+        return _read_part(items, selection, as_json)
+
+    return inorder.in_order(part, count, workers)
+
+
+def _read_part(items: Iterable[dict[str, Any] | SpoolError],
+               selection: Selection, as_json: bool) -> _Part:
+    """The `_Part` of ``items``: for the text, each selected message's
+    lines (control characters shown once for the part), or its JSON
+    object, one a line."""
     everything = selection.is_everything
-    bad: list[SpoolError] = []
-    separator = "[\n"
-    for item in spool.scan_checked():
+    when = _Arrivals()
+    pieces = []
+    unreadable = []
+    readable = 0
+    for item in items:
         if isinstance(item, SpoolError):
-            bad.append(item)
-        elif everything or queueops.selects_checked(selection, item):
+            unreadable.append((item.queue_id, str(item)))
+            continue
+        readable += 1
+        if everything or queueops.selects_checked(selection, item):
+            # As `dataclasses.asdict` of its Envelope has it.
+            pieces.append(_dumps(in_field_order(item)) if as_json
+                          else _summary(item, when))
+    text = ",\n".join(pieces) if as_json else shown("".join(pieces))
+    return _Part(text, readable, len(pieces), unreadable)
+
+
+# json.dumps (without indent: the C encoder's work), but one encoder for
+# every envelope, and no search for cycles, which JSON just read cannot have.
+_dumps = json.JSONEncoder(check_circular=False).encode
+
+
+def _list_json(parts: Iterable[_Part]) -> None:
+    # One JSON array, an envelope a line.
+    write = sys.stdout.write
+    unreadable: list[tuple[str, str]] = []
+    separator = "[\n"
+    for part in parts:
+        if part.chosen:
             write(separator)
-            write(json.dumps(in_field_order(item)))
+            write(part.text)
             separator = ",\n"
+        unreadable += part.unreadable
     write("[]\n" if separator == "[\n" else "\n]\n")
-    for problem in bad:
-        print(f"mta: {problem.queue_id}: unreadable: {problem}", file=sys.stderr)
+    for queue_id, problem in unreadable:
+        print(f"mta: {queue_id}: unreadable: {problem}", file=sys.stderr)
 
 
 # Control characters a client or a server put into the envelope (a HELO
@@ -165,32 +230,29 @@ def _list_json(spool: Spool, selection: Selection) -> None:
 _SHOWN = {code: f"\\x{code:02x}"
           for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))
           if code not in (0x09, 0x0A)}
+# Any of them, to find in one search that a text (most) has none.
+_UNSHOWN = re.compile("[%s]" % "".join(re.escape(chr(code)) for code in _SHOWN))
 
 
 def shown(text: str) -> str:
-    return text.translate(_SHOWN)
+    return text.translate(_SHOWN) if _UNSHOWN.search(text) else text
 
 
-def _list_text(spool: Spool, selection: Selection) -> None:
+def _list_text(spool: Spool, parts: Iterable[_Part], everything: bool) -> None:
     write = sys.stdout.write
-    everything = selection.is_everything
-    when = _Arrivals()
-    bad: list[SpoolError] = []
+    unreadable: list[tuple[str, str]] = []
     readable = chosen = 0
-    for item in spool.scan_checked():
-        if isinstance(item, SpoolError):
-            bad.append(item)
-            continue
-        readable += 1
-        if everything or queueops.selects_checked(selection, item):
-            write(shown(_summary(item, when)))
-            chosen += 1
-    for problem in bad:
-        print(shown(f"{problem.queue_id}  unreadable: {problem}"))
+    for part in parts:
+        write(part.text)
+        readable += part.readable
+        chosen += part.chosen
+        unreadable += part.unreadable
+    for queue_id, problem in unreadable:
+        print(shown(f"{queue_id}  unreadable: {problem}"))
     counted = (f"{chosen} message(s)" if everything
                else f"{chosen} of {readable} message(s)")
     print(f"-- {counted} in {spool.queue}"
-          + (f", {len(bad)} unreadable" if bad else ""))
+          + (f", {len(unreadable)} unreadable" if unreadable else ""))
 
 
 def _summary(envelope: dict[str, Any], when: Callable[[float], str]) -> str:

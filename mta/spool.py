@@ -229,6 +229,26 @@ def _read_trailer(path: str, folder: int | None) -> tuple[bytes, int]:
         os.close(descriptor)
 
 
+def _read_envelope(
+    name: str, folder: int | None, envelope_file: bool
+) -> tuple[dict[str, Any], bool]:
+    """`Spool._load_with_origin` for the message whose files are ``name``
+    and an extension, without its checks of the name."""
+    if envelope_file:
+        try:
+            return checked_json(_read_regular(f"{name}.env", folder)), False
+        except FileNotFoundError:
+            pass  # unchanged since its commit: the queue file's is the word
+    data, end = _read_trailer(f"{name}.msg", folder)
+    raw = checked_json(data)
+    # What the envelope says the message is must be what comes before it,
+    # octet for octet.
+    if raw["size"] != end:
+        raise SpoolError(f"message file has {end} bytes before its "
+                         f"envelope, which says {raw['size']}")
+    return raw, True
+
+
 def _unlink_quietly(path: Path | str) -> None:
     try:
         os.unlink(path)
@@ -300,28 +320,20 @@ class Spool:
         return self._load_with_origin(queue_id, folder)[0]
 
     def _load_with_origin(
-        self, queue_id: str, folder: int | None
+        self, queue_id: str, folder: int | None, envelope_file: bool = True
     ) -> tuple[dict[str, Any], bool]:
         """The checked envelope, and whether it came from the queue file
         itself (then the message file is whole by construction).  The
-        envelope file wins when there is one: it is the later word."""
+        envelope file wins when there is one: it is the later word.  With
+        ``envelope_file`` false none is looked for (the caller's listing
+        showed none): the queue file's envelope is the word."""
         # folder: the queue folder, open (names relative to it), or None.
         if not is_queue_id(queue_id):
             raise SpoolError(f"{queue_id!r}: not a queue id", queue_id)
         prefix = "" if folder is not None else self._queue_prefix
-        trailer = False
         try:
-            try:
-                raw = checked_json(_read_regular(f"{prefix}{queue_id}.env", folder))
-            except FileNotFoundError:
-                data, end = _read_trailer(f"{prefix}{queue_id}.msg", folder)
-                raw = checked_json(data)
-                trailer = True
-                # What the envelope says the message is must be what comes
-                # before it, octet for octet.
-                if raw["size"] != end:
-                    raise SpoolError(f"message file has {end} bytes before "
-                                     f"its envelope, which says {raw['size']}")
+            raw, trailer = _read_envelope(f"{prefix}{queue_id}", folder,
+                                          envelope_file)
         except (SpoolError, ValueError) as error:
             raise SpoolError(f"{queue_id}: {error}", queue_id) from None
         # The name decides which files are the message's: an envelope that
@@ -389,11 +401,33 @@ class Spool:
         for each, its envelope's checked JSON form (`load_checked`) once
         its message file is found whole, or the `SpoolError` that `scan`
         would report for it.  The queue is listed at the call."""
-        return self._scan_checked(self.queue_ids())
+        return self._scan_checked(self.queue_ids(), None)
+
+    def listing(self) -> Listing:
+        """The queue folder's names now, in one listing: for
+        `scan_listed`."""
+        try:
+            names = os.listdir(self.queue)
+        except FileNotFoundError:
+            names = []
+        queue_ids = [name[:-4] for name in names if name.endswith(".msg")]
+        queue_ids.sort()
+        return Listing(queue_ids, frozenset(names))
+
+    def scan_listed(
+        self, listing: Listing, start: int = 0, stop: int | None = None
+    ) -> Iterator[dict[str, Any] | SpoolError]:
+        """`scan_checked` for the messages ``listing.queue_ids[start:stop]``,
+        as of the listing: a message that had no envelope file then is
+        read from its queue file alone, which said what was true then (one
+        file opened a message instead of two, for `mta queue list`)."""
+        return self._scan_checked(listing.queue_ids[start:stop], listing.names)
 
     def _scan_checked(
-        self, queue_ids: list[str]
+        self, queue_ids: list[str], listed: frozenset[str] | None
     ) -> Iterator[dict[str, Any] | SpoolError]:
+        # listed: the folder's names, when only the envelope files among
+        # them are to be looked for; None: look for every one.
         if not queue_ids:
             return
         try:
@@ -404,7 +438,9 @@ class Spool:
         try:
             for queue_id in queue_ids:
                 try:
-                    raw, whole = self._load_with_origin(queue_id, folder)
+                    raw, whole = self._load_with_origin(
+                        queue_id, folder,
+                        listed is None or f"{queue_id}.env" in listed)
                     if not whole:
                         self._check_message_file(queue_id, raw["size"], folder)
                 except FileNotFoundError:
@@ -553,6 +589,14 @@ class Spool:
             os.close(descriptor)
             raise FileNotFoundError(queue_id)
         return MessageLock(descriptor)
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """The queue folder's names at one moment (`Spool.listing`)."""
+
+    queue_ids: list[str]  # every committed message, oldest first
+    names: frozenset[str]  # every file name: ID.msg, ID.env and others
 
 
 @dataclass

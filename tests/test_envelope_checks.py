@@ -216,3 +216,37 @@ def test_is_queue_id_is_unchanged() -> None:
     assert not env.is_queue_id("0000000000001abcd")
     assert not env.is_queue_id(17)
     assert not env.is_queue_id("")
+
+
+def test_the_envelope_is_parsed_as_json_loads_parses_it() -> None:
+    """`checked_json` calls the decoder itself: the same values, and for a
+    damaged file the same words, as json.loads."""
+    data = to_json(sample())
+    texts = [data, data.rstrip(b"\n"), data + b"\r\n", data + b" \t",
+             data + b"{}", data.rstrip(b"\n") + b" 1\n",
+             *(data[:end] for end in range(1, len(data), 11))]
+    for text in texts:
+        try:
+            expected = json.loads(text)
+        except json.JSONDecodeError as error:
+            with pytest.raises(ValueError) as refusal:
+                checked_json(text)
+            assert str(refusal.value) == f"not a valid envelope: {error}"
+        else:
+            del expected["version"]
+            assert checked_json(text) == expected
+
+
+def test_an_unknown_field_is_named_though_a_later_one_is_missing() -> None:
+    # As many fields as there should be, one of them unknown; and one
+    # more than there should be once the missing later one is filled in.
+    data = form()
+    del data["client"]["user"]
+    data["client"]["nickname"] = "x"
+    assert refused(data) == (
+        "not a valid envelope: \"client has unknown fields ['nickname']\"")
+    data = form()
+    del data["delay_notified"]
+    data["bogus"] = 1
+    assert refused(data) == (
+        "not a valid envelope: \"envelope has unknown fields ['bogus']\"")

@@ -6,6 +6,7 @@ the queue runner and that it acts on what they change."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -262,6 +263,74 @@ def test_list_counts_what_it_shows_and_the_unreadable_last(
     assert lines[-2] == (f"{short}  unreadable: {short}: no envelope at the "
                          "end of the message file")
     assert lines[-1] == f"-- 2 of 3 message(s) in {spool.queue}, 1 unreadable"
+
+
+@pytest.fixture
+def crowded(spool: Spool, queued: dict[str, str]) -> Spool:
+    """`queued`, more mail with control characters and an ID.env, and
+    messages that cannot be read, among them."""
+    enqueue(spool, Recipient("\x1b[2J@dest.test", PENDING))
+    changed = enqueue(spool, Recipient("gus@dest.test", PENDING))
+    spool.save(replace(spool.load(changed), hold=True))
+    spool.envelope_path(queued["failed"]).write_bytes(b"{ half an envel")
+    spool.message_path(queued["pending"]).write_bytes(b"x")
+    for n in range(5):
+        enqueue(spool, deferred(f"h{n}@dest.test"))
+    return spool
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize("filters", [(None, None), (["deferred", "hold"], None),
+                                     (None, ["other.test"])])
+def test_several_processes_list_what_one_lists(
+    crowded: Spool, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], as_json: bool,
+    filters: tuple[list[str] | None, list[str] | None],
+) -> None:
+    """A queue read in parts by forked workers (`mta.inorder`) prints,
+    byte for byte, what it prints read whole in this process."""
+    selection = queueops.Selection.of(*filters)
+    assert queuecli.list_messages(crowded, selection, as_json, workers=1) == 0
+    whole = capsys.readouterr()
+    monkeypatch.setattr(queuecli, "PART", 2)
+    for workers in (1, 2, 3):
+        assert queuecli.list_messages(crowded, selection, as_json, workers) == 0
+        assert capsys.readouterr() == whole
+
+    assert "unreadable" in (whole.err if as_json else whole.out)
+    if not as_json:
+        assert "\x1b" not in whole.out
+
+
+def test_a_reader_that_stops_early_leaves_no_worker(
+    crowded: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `mta queue list | head`: the pipe closes under the writer.
+    reader, writer = os.pipe()
+    os.close(reader)
+    closed = os.fdopen(writer, "w", buffering=1)
+    forked: list[int] = []
+    fork = os.fork
+
+    def noted_fork() -> int:
+        pid = fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", noted_fork)
+    monkeypatch.setattr(queuecli, "PART", 1)
+    monkeypatch.setattr(sys, "stdout", closed)
+    with pytest.raises(BrokenPipeError):
+        queuecli.list_messages(crowded, queueops.Selection(), False, 3)
+    monkeypatch.undo()
+    with contextlib.suppress(BrokenPipeError):
+        closed.close()  # what it still holds cannot be written either
+
+    assert len(forked) == 3
+    for pid in forked:  # each ended and was waited for: not even a zombie
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_arrival_times_are_those_of_when() -> None:

@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -525,6 +526,61 @@ def test_scan_checked_is_scan_one_message_at_a_time(spool: Spool) -> None:
                                             "lower"]
     assert f"{fifo}: {fifo}.env is not a regular file" in map(str, errors)
     assert f"{link}: {link}.env is not a regular file" in map(str, errors)
+
+
+def _seen(item: dict[str, Any] | SpoolError) -> Any:
+    """An item of a scan, comparable: an error by its kind and words."""
+    if isinstance(item, SpoolError):
+        return type(item), item.queue_id, str(item)
+    return item
+
+
+def test_scan_listed_is_scan_checked_a_stretch_at_a_time(spool: Spool) -> None:
+    """`mta queue list`'s reader: the same items as `scan_checked`, the
+    unreadable ones with the same words, in the same order, whatever
+    stretches of the listing are read."""
+    good = committed(spool)
+    changed = committed(spool)
+    spool.save(replace(spool.load(changed), hold=False))  # an ID.env of its own
+    garbage = committed(spool)
+    spool.envelope_path(garbage).write_bytes(b"{ half an envel")
+    short = committed(spool)
+    spool.message_path(short).write_bytes(b"x")
+    fifo = committed(spool)
+    os.mkfifo(spool.envelope_path(fifo))
+    orphan = committed(spool)
+    spool.save(spool.load(orphan))
+    spool.message_path(orphan).unlink()  # a removal half done
+    (spool.queue / "lower.msg").write_bytes(b"{}")
+    committed(spool)
+
+    whole = [_seen(item) for item in spool.scan_checked()]
+    listing = spool.listing()
+
+    assert [item["queue_id"] for item in whole if isinstance(item, dict)] == [
+        good, changed, listing.queue_ids[-2]]
+    assert [item[1] for item in whole if isinstance(item, tuple)] == [
+        garbage, short, fifo, "lower"]
+    for stretch in (1, 2, 3, len(listing.queue_ids)):
+        read = [_seen(item)
+                for start in range(0, len(listing.queue_ids), stretch)
+                for item in spool.scan_listed(listing, start, start + stretch)]
+        assert read == whole
+
+
+def test_a_listing_is_read_as_it_was_when_it_was_made(spool: Spool) -> None:
+    # An envelope file written since the listing is not looked for: the
+    # queue file says what was true then.  A message removed since is
+    # left out, as a scan leaves it out.
+    released = committed(spool)  # on hold, as `sample` is
+    removed = committed(spool)
+    listing = spool.listing()
+    spool.save(replace(spool.load(released), hold=False))
+    spool.remove(removed)
+
+    assert [(raw["queue_id"], raw["hold"])
+            for raw in spool.scan_listed(listing)] == [(released, True)]
+    assert [raw["hold"] for raw in spool.scan_listed(spool.listing())] == [False]
 
 
 def test_a_folder_for_an_envelope_cannot_be_read_now(spool: Spool) -> None:
