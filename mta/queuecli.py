@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import os
 import re
+import signal
 import sys
 import time
 from contextlib import closing
@@ -15,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable
 
-from mta import inorder, queueops
+from mta import queueops
 from mta.envelope import Envelope, in_field_order
 from mta.queueops import ALL, Operations, Outcome, Selection
 from mta.spool import Spool, SpoolError
@@ -137,7 +140,7 @@ def list_messages(
     the envelope's checked JSON form (`Spool.scan_listed`): the checks are
     `load`'s, and no `Envelope` is made.  A queue of more than one part is
     read by ``workers`` processes at once (default: one a processor, up to
-    `LIST_WORKERS`), its parts printed in order (`mta.inorder`)."""
+    `LIST_WORKERS`), its parts printed in order (`_in_order`)."""
     # Closed at once when printing fails (`| head`): no worker is left.
     with closing(_parts(spool, selection, as_json, workers)) as parts:
         if as_json:
@@ -170,13 +173,56 @@ def _parts(spool: Spool, selection: Selection, as_json: bool,
     listing = spool.listing()
     count = (len(listing.queue_ids) + PART - 1) // PART
     if workers is None:
-        workers = inorder.workers_available(LIST_WORKERS)
+        workers = min(LIST_WORKERS, len(os.sched_getaffinity(0)))
 
     def part(number: int) -> _Part:
         items = spool.scan_listed(listing, number * PART, (number + 1) * PART)
         return _read_part(items, selection, as_json)
 
-    return inorder.in_order(part, count, workers)
+    return _in_order(part, count, workers)
+
+
+# The work of `_in_order`'s pool: its processes are forked, and find it here.
+_work: Callable[[int], _Part] | None = None
+
+
+def _worker_signals() -> None:
+    # A forked process keeps its parent's handlers (a test's reactor
+    # catches SIGTERM): the pool's terminate() must end it, and ^C is
+    # the parent's to handle.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _do_work(number: int) -> _Part:
+    assert _work is not None
+    return _work(number)
+
+
+def _in_order(work: Callable[[int], _Part], count: int,
+              workers: int) -> Generator[_Part, None, None]:
+    """``work(0)`` ... ``work(count - 1)``, in order, worked out by
+    ``workers`` forked processes while the caller prints those before.
+    Forked, they share the listing and the selection as they are, and
+    ``work`` need not pickle; a caller that stops early (``| head``)
+    closes this generator, and the pool is ended then."""
+    global _work
+    if workers <= 1 or count <= 1:
+        yield from map(work, range(count))
+        return
+    # What is buffered now must not be written again by each process.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _work = work
+    try:
+        pool = multiprocessing.get_context("fork").Pool(min(workers, count),
+                                                    _worker_signals)
+    except OSError:
+        # No process left to fork: the work is done here.
+        yield from map(work, range(count))
+        return
+    with pool:
+        yield from pool.imap(_do_work, range(count))
 
 
 def _read_part(items: Iterable[dict[str, Any] | SpoolError],

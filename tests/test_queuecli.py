@@ -287,7 +287,7 @@ def test_several_processes_list_what_one_lists(
     capsys: pytest.CaptureFixture[str], as_json: bool,
     filters: tuple[list[str] | None, list[str] | None],
 ) -> None:
-    """A queue read in parts by forked workers (`mta.inorder`) prints,
+    """A queue read in parts by forked workers (`queuecli._in_order`) prints,
     byte for byte, what it prints read whole in this process."""
     selection = queueops.Selection.of(*filters)
     assert queuecli.list_messages(crowded, selection, as_json, workers=1) == 0
