@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -109,6 +110,7 @@ class Relay:
     ) -> None:
         self.folder = folder
         self.address = address
+        self.workers = workers
         self.port = free_port(address)
         self.config = relay_config(
             folder, address, self.port, sink, cert, tls, workers, cpu_affinity
@@ -134,6 +136,21 @@ class Relay:
                 cwd=REPO,
             )
         wait_for_greeting(self.address, self.port, 30.0, self.log)
+        self._wait_for_workers(30.0)
+
+    def _wait_for_workers(self, timeout: float) -> None:
+        """Until every worker process has logged its start: the load must
+        not begin while one is still importing, with its start-up CPU
+        counted as the mail's and its share of connections taken by the
+        others (Postfix's master is likewise up before its load)."""
+        deadline = time.monotonic() + timeout
+        waiting = [f"] worker {n} (pid " for n in range(2, self.workers + 1)]
+        while waiting:
+            text = self.log()
+            waiting = [w for w in waiting if w not in text]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not every worker started in {timeout}s\n{text}")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         terminate(self.process)

@@ -15,9 +15,10 @@ completes, before EHLO leaves; SIZE, BODY=8BITMIME and PIPELINING are used;
 the body goes through `BodyEncoder`, with the terminator in the same write
 as the last body bytes; every wait has a time limit (RFC 5321 4.5.3.2).
 
-Only the line splitting and `sendLine` are reused from Twisted; the reply
-reader is ours (bounded, strict about codes).  Each command sent queues the handler for its reply, so
-pipelined commands (RFC 2920) are answered in order with no extra state.
+Only the line splitting is reused from Twisted; the reply reader (bounded,
+strict about codes) and the writing of commands are ours.  Each command
+sent queues the handler for its reply, so pipelined commands (RFC 2920)
+are answered in order with no extra state, and leave in one write.
 The values a session takes and gives back, and the decisions that need no
 socket, are in `mta.clientsession`; the body is sent by `mta.bodyproducer`.
 """
@@ -61,6 +62,7 @@ from mta.clientsession import (
     ssl_reason,
 )
 from mta.reply import Reply
+from mta.sendnow import write_now
 from mta.tlsctx import ClientCreator
 
 _log = Logger(namespace="mta.smtpclient")
@@ -97,6 +99,10 @@ class DeliveryClient(smtp.ESMTPClient):
 
     debug = False  # our transcript goes to the logger at debug level
 
+    # Twisted's __setattr__ only warns of the deprecated ``tlsMode``, never
+    # set here, yet runs for every attribute set: some seventy a message.
+    __setattr__ = object.__setattr__
+
     def __init__(
         self,
         reactor: Any,
@@ -121,6 +127,8 @@ class DeliveryClient(smtp.ESMTPClient):
 
         # (step, handler) for each reply still to come, oldest first.
         self._pending: deque[tuple[str, _Handler]] = deque()
+        # Commands queued for the next write (`_queue`, `_flush`).
+        self._unsent: list[bytes] = []
         # The reply being read: its code and lines so far.
         self._reply_code: bytes | None = None
         self._reply_lines: list[bytes] = []
@@ -242,16 +250,26 @@ class DeliveryClient(smtp.ESMTPClient):
         self.resetTimeout()  # type: ignore[no-untyped-call]
         self._dispatch(int(code.group(1)), b"\n".join(lines))
 
-    def sendLine(self, line: bytes) -> None:
+    def _command(self, step: str, line: str, handler: _Handler) -> None:
+        """Send ``line`` now; its reply goes to ``handler``."""
+        self._queue(step, line, handler)
+        self._flush()
+
+    def _queue(self, step: str, line: str, handler: _Handler) -> None:
+        """``line`` leaves with the next `_flush`, so the commands of a
+        pipelined group (RFC 2920) go out in one write."""
         if self._settings.transcript:
             _log.debug("{target} C: {line!r}", target=str(self._target), line=line)
-        super().sendLine(line)  # type: ignore[no-untyped-call]
-
-    def _command(self, step: str, line: str, handler: _Handler) -> None:
         if not self._pending:
             self._step = step
         self._pending.append((step, handler))
-        self.sendLine(line.encode("utf-8"))
+        self._unsent.append(line.encode("utf-8") + b"\r\n")
+
+    def _flush(self) -> None:
+        if self._unsent:
+            data = b"".join(self._unsent)
+            self._unsent.clear()
+            write_now(self._wire, data)
 
     def _dispatch(self, code: int, resp: bytes) -> None:
         lines = resp.decode("utf-8", "replace").split("\n")
@@ -423,15 +441,16 @@ class DeliveryClient(smtp.ESMTPClient):
 
         parameters = mail_parameters(self._caps, self._transaction)
         line = f"MAIL FROM:<{self._transaction.sender}>{parameters}"
-        self._command("MAIL", line, self._on_mail)
+        self._queue("MAIL", line, self._on_mail)
         if self._caps.pipelining:
             # RFC 2920 3.1: MAIL, RCPT and DATA (last) may go in one group,
             # as Postfix sends them; the replies come back in order.  A
             # server must refuse DATA when no RCPT was taken (RFC 2920
             # 3.1); the body waits for its 354 all the same.
             for recipient in self._recipients:
-                self._send_rcpt(recipient)
-            self._command("DATA", "DATA", self._on_data)
+                self._queue_rcpt(recipient)
+            self._queue("DATA", "DATA", self._on_data)
+        self._flush()
 
     def _on_mail(self, reply: Reply, lines: list[str]) -> None:
         if self._ending:
@@ -446,8 +465,12 @@ class DeliveryClient(smtp.ESMTPClient):
             self._send_rcpt(self._recipients[0])
 
     def _send_rcpt(self, recipient: str) -> None:
+        self._queue_rcpt(recipient)
+        self._flush()
+
+    def _queue_rcpt(self, recipient: str) -> None:
         handler = partial(self._on_rcpt, recipient)
-        self._command("RCPT", f"RCPT TO:<{recipient}>", handler)
+        self._queue("RCPT", f"RCPT TO:<{recipient}>", handler)
 
     def _on_rcpt(self, recipient: str, reply: Reply, lines: list[str]) -> None:
         if self._ending:
@@ -616,10 +639,13 @@ class DeliveryClient(smtp.ESMTPClient):
         self._rcpt_replies = {}
         self._data_reply = None
         self._limit(settings.timeouts.command)
-        self._command("RSET", "RSET", self._on_rset)
+        self._queue("RSET", "RSET", self._on_rset)
         if self._caps.pipelining:
             # RFC 2920 3.1: RSET may open the group; one round trip less.
             self._send_mail()
+        # A transaction refused before MAIL (`refuse_before_mail`) still
+        # has its RSET to send.
+        self._flush()
 
     def _on_rset(self, reply: Reply, lines: list[str]) -> None:
         if not reply.is_success:

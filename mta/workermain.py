@@ -17,6 +17,7 @@ import threading
 from typing import Any
 
 from twisted.logger import globalLogBeginner, jsonFileLogObserver
+from twisted.python.threadable import isInIOThread
 
 from mta.config import ConfigError, load_config
 from mta.cpuaffinity import parse_cpus
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
 
-    globalLogBeginner.beginLoggingTo([_observer(options.number)],
+    globalLogBeginner.beginLoggingTo([_observer(options.number, reactor)],
                                      redirectStandardIO=False)
     from mta.service import RelayService
 
@@ -55,20 +56,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _observer(number: int) -> Any:
+def _observer(number: int, reactor: Any) -> Any:
     """Every event as one JSON line (the first process splits on
     newlines), marked with the worker's number: the JSON log
-    (``--logger mta.logs.json_observer``) shows which process it was."""
+    (``--logger mta.logs.json_observer``) shows which process it was.
+
+    The lines of one turn of the reactor go to the pipe in one write at
+    its end (a message makes three, and each write would wake the first
+    process); a line from another thread goes at once."""
     write = jsonFileLogObserver(sys.stdout, recordSeparator="")
+    flush_due = False
+
+    def flush() -> None:
+        nonlocal flush_due
+        flush_due = False
+        sys.stdout.flush()
 
     def observe(event: dict[str, Any]) -> None:
+        nonlocal flush_due
         event["mta_worker"] = number
         line = line_as_json(event)
         if line is None:
-            write(event)  # Twisted's JSON form, for any other event
+            write(event)  # Twisted's JSON form, flushed at once
             return
         sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+        if not isInIOThread() or not reactor.running:
+            sys.stdout.flush()
+        elif not flush_due:
+            flush_due = True
+            reactor.callLater(0, flush)
 
     return observe
 
