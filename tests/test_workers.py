@@ -240,6 +240,23 @@ def _race(tmp_path: Path, peer: Peer) -> None:
     assert sum(senders.values()) == 300
 
 
+def test_a_worker_s_last_lines_reach_the_log_when_it_stops(
+    tmp_path: Path, peer: Peer
+) -> None:
+    # A worker passes its lines on once a turn of its reactor: those of
+    # its graceful stop, the last turns it makes, must not be left behind.
+    relay = _relay(tmp_path, peer).start()
+    try:
+        _worker_pid(relay, 2)
+    finally:
+        relay.stop()
+
+    stops = [event["mta_line"] for event in _events(relay)
+             if event.get("mta_worker") == 2 and event.get("mta_event") == "stop"]
+    assert stops[0] == "worker 2 stopping"
+    assert stops[-1] == "stop: done, nothing left under way"
+
+
 def test_both_processes_take_connections_on_the_shared_listener(
     tmp_path: Path, peer: Peer
 ) -> None:
