@@ -72,6 +72,7 @@ def measure(setup: Setup, repeat: int, with_postfix: bool, work: Path) -> None:
     for round_ in range(repeat):
         for kind in kinds:
             folder = work / f"{kind}-{round_}"
+            settle()
             samples[kind].append(run_trial(kind, setup, folder))
 
     mode = "STARTTLS on both legs" if setup.tls else "plaintext"
@@ -87,6 +88,15 @@ def measure(setup: Setup, repeat: int, with_postfix: bool, work: Path) -> None:
                 f" {kind}->sink {first.sink_tls}"
             )
     print(flush=True)
+
+
+def settle() -> None:
+    """Write back what the last trial left in the page cache before the
+    next one starts: the thousands of queue files each MTA created and
+    removed leave metadata that the kernel writes back over the next
+    seconds, at the cost of whichever trial runs then."""
+    os.sync()
+    time.sleep(1.0)
 
 
 def header(options: Options, with_postfix: bool, work: Path) -> list[str]:
