@@ -522,7 +522,9 @@ class DeliveryClient(smtp.ESMTPClient):
         # longer time limit; each chunk the peer takes restarts it.
         self._limit(self._settings.timeouts.data)
         try:
-            body = self._transaction.body_path.open("rb")
+            # Unbuffered: the producer reads in chunks of its own, and a
+            # buffered reader would cost an lseek and an ioctl a message.
+            body = self._transaction.body_path.open("rb", buffering=0)
         except OSError as error:
             self._body_failed(error)
             return

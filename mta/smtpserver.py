@@ -129,6 +129,11 @@ _log = Logger(namespace="mta.smtpserver")
 # which leaves room for long parameter lists.  The CRLF counts.
 MAX_COMMAND_LINE = 2048
 
+# Input kept while a reply waits before reading stops (see
+# `RelayServer._pause_or_resume_reading`): some commands of the next
+# transaction, not a body.
+WAITING_INPUT = 8 * MAX_COMMAND_LINE
+
 # We do no reverse lookup yet: Postfix's word for a client without a
 # verified name, so log lines and Received headers read the same.
 UNKNOWN_HOST = "unknown"
@@ -142,8 +147,10 @@ class RelayServer(smtp.ESMTP):
     """One client connection.  Commands are dispatched to ``smtp_VERB``
     methods, each of which sends exactly one reply.
 
-    Input waits in ``_input`` (the transport paused) while a reply must
-    wait: a commit in progress, or replies the client does not read."""
+    Input waits in ``_input`` while a reply must wait: a commit in
+    progress, or replies the client does not read.  The transport is
+    paused while the replies fill it, or once the input waiting for a
+    commit passes `WAITING_INPUT`."""
 
     transport: Any  # ITCPTransport, and ITLSTransport when it can
 
@@ -388,7 +395,13 @@ class RelayServer(smtp.ESMTP):
         """The connection is gone; `connectionLost` does the rest."""
 
     def _pause_or_resume_reading(self) -> None:
-        hold = self._waiting or self._write_blocked
+        # While a reply waits (a commit, a login being checked) what comes
+        # is kept in `_input`, to be answered in order (RFC 2920 3.1);
+        # reading stops only once that is more than a pipelining client
+        # has reason to send.  Not stopping for every commit spares two
+        # epoll changes a message.
+        hold = self._write_blocked or (
+            self._waiting and len(self._input) >= WAITING_INPUT)
         if hold and not self._reading_paused:
             self._reading_paused = True
             self.transport.pauseProducing()
@@ -409,6 +422,8 @@ class RelayServer(smtp.ESMTP):
             # bounds a client that sends them slowly.
             self.resetTimeout()
         self._input += data
+        if self._waiting:
+            self._pause_or_resume_reading()
         self._process()
 
     def _process(self) -> None:

@@ -80,7 +80,7 @@ def _observer(number: int, reactor: Any) -> Any:
             write(event)  # Twisted's JSON form, flushed at once
             return
         sys.stdout.write(line + "\n")
-        if not isInIOThread() or not reactor.running:
+        if not isInIOThread() or not reactor.running:  # type: ignore[no-untyped-call]
             sys.stdout.flush()
         elif not flush_due:
             flush_due = True

@@ -856,8 +856,26 @@ def relay(tmp_path: Path, relay_cert: certs.CertFiles) -> Any:
         {"name": "mx2", "address": "127.0.0.1", "port": free_port(), "role": "inbound"}
     )
     process = RelayProcess(tmp_path / "relay", config).start()
+    # start() knocked on each listener and hung up; those connections count
+    # against client_connections until the relay has seen them end.
+    wait_for_free_place(process.listener("mx"))
     yield process
     process.stop()
+
+
+def wait_for_free_place(address: tuple[str, int], timeout: float = 10.0) -> None:
+    """Until a connection gets a 220; then QUIT, and read until the relay
+    has closed it, which it forgets in the same turn (no longer counted)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.create_connection(address, timeout=5) as sock:
+            if sock.recv(512).startswith(b"220 "):
+                sock.sendall(b"QUIT\r\n")
+                while sock.recv(4096):
+                    pass
+                return
+        assert time.monotonic() < deadline, "the relay keeps refusing connections"
+        time.sleep(0.05)
 
 
 MESSAGE_START = (

@@ -310,7 +310,6 @@ class TestPipelining:
         server.factory.commit = hold
         session = server.connect()
         assert codes(session.send(self.MESSAGE))[-1] == "354 End"
-        assert session.transport.producerState == "paused"
         assert session.send("NOOP\r\n") == []  # buffered, not answered
         assert not server.queued
 
@@ -321,6 +320,32 @@ class TestPipelining:
         assert codes(replies) == ["250 2.0.0", "221 2.0.0"]
         assert queued_id(replies[0]) == envelope.queue_id
         assert server.queued == [envelope]
+
+    def test_reading_stops_during_the_commit_once_much_is_waiting(
+        self, server: Server
+    ) -> None:
+        # Commands that come while the commit runs are kept, and reading
+        # goes on; past what a pipelining client has reason to send, the
+        # transport is paused until the 250 is out.
+        pending: defer.Deferred[None] = defer.Deferred()
+        held: list[tuple[MessageWriter, Envelope]] = []
+
+        def hold(writer: MessageWriter, envelope: Envelope) -> defer.Deferred[None]:
+            held.append((writer, envelope))
+            return pending
+
+        server.factory.commit = hold
+        session = server.connect()
+        assert codes(session.send(self.MESSAGE))[-1] == "354 End"
+        assert session.send("NOOP\r\n" * 100) == []
+        assert session.transport.producerState == "producing"
+        assert session.send("NOOP\r\n" * 3000) == []
+        assert session.transport.producerState == "paused"
+
+        writer, envelope = held[0]
+        writer.commit(envelope)
+        pending.callback(None)
+        assert codes(session.take()) == ["250 2.0.0", "221 2.0.0"]
 
     def test_idle_timer_is_stopped_during_the_commit(self, server: Server) -> None:
         writers: list[MessageWriter] = []
