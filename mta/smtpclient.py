@@ -258,12 +258,13 @@ class DeliveryClient(smtp.ESMTPClient):
     def _queue(self, step: str, line: str, handler: _Handler) -> None:
         """``line`` leaves with the next `_flush`, so the commands of a
         pipelined group (RFC 2920) go out in one write."""
+        data = line.encode("utf-8")
         if self._settings.transcript:
-            _log.debug("{target} C: {line!r}", target=str(self._target), line=line)
+            _log.debug("{target} C: {line!r}", target=str(self._target), line=data)
         if not self._pending:
             self._step = step
         self._pending.append((step, handler))
-        self._unsent.append(line.encode("utf-8") + b"\r\n")
+        self._unsent.append(data + b"\r\n")
 
     def _flush(self) -> None:
         if self._unsent:

@@ -129,3 +129,17 @@ def test_other_events_are_not_relayed_as_lines() -> None:
     assert logs.line_as_json(line_event("x", mta_thing=object())) is None
     # Twisted's JSON form is no relayed line.
     assert logs.line_from_json(json.loads(eventAsJSON(line_event("x")))) is None
+
+
+def test_the_json_log_is_one_json_object_a_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    observer = logs.json_observer()
+    observer(line_event("661D1AA4EBFB50000: removed", mta_queue_id="661D1AA4EBFB50000"))
+    observer(line_event("second"))
+
+    lines = out.getvalue().splitlines()
+    assert [json.loads(line)["mta_line"] for line in lines] == [
+        "661D1AA4EBFB50000: removed", "second"]

@@ -144,7 +144,6 @@ def _relay(tmp_path: Path, peer: Peer, **overrides: Any) -> RelayProcess:
 def _events(relay: RelayProcess) -> list[dict[str, Any]]:
     events = []
     for line in relay.log().splitlines():
-        line = line.strip("\x1e")
         if line.startswith("{"):
             events.append(json.loads(line))
     return events
