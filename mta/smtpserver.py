@@ -511,6 +511,9 @@ class RelayServer(smtp.ESMTP):
         if self._auth is not None and self._auth.in_exchange:
             self._auth.response(line, self._bad_line(line, too_long))
             return
+        # A line that is no command leaves no name for the log lines
+        # ("too many errors after ..."), not the last good one's.
+        self._command = "UNKNOWN"
         if too_long:
             self._reply(LINE_TOO_LONG)
             return
@@ -527,7 +530,6 @@ class RelayServer(smtp.ESMTP):
         argument = words[1] if len(words) > 1 else ""
         handler = getattr(self, f"smtp_{verb}", None) if verb.isalpha() else None
         if handler is None:
-            self._command = "UNKNOWN"
             self._reply(UNKNOWN_COMMAND)
             return
         self._command = verb

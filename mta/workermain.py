@@ -17,7 +17,6 @@ import threading
 from typing import Any
 
 from twisted.logger import globalLogBeginner, jsonFileLogObserver
-from twisted.python.threadable import isInIOThread
 
 from mta.config import ConfigError, load_config
 from mta.cpuaffinity import parse_cpus
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
 
-    globalLogBeginner.beginLoggingTo([_observer(options.number, reactor)],
+    globalLogBeginner.beginLoggingTo([_observer(options.number)],
                                      redirectStandardIO=False)
     from mta.service import RelayService
 
@@ -56,35 +55,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _observer(number: int, reactor: Any) -> Any:
+def _observer(number: int) -> Any:
     """Every event as one JSON line (the first process splits on
     newlines), marked with the worker's number: the JSON log
     (``--logger mta.logs.json_observer``) shows which process it was.
 
-    The lines of one turn of the reactor go to the pipe in one write at
-    its end (a message makes three, and each write would wake the first
-    process); a line from another thread goes at once."""
+    Each line goes to the pipe as it is made: held back to the end of the
+    reactor's turn, the lines of a worker killed meanwhile were lost, an
+    "accepted" line among them for a client already told 250."""
     write = jsonFileLogObserver(sys.stdout, recordSeparator="")
-    flush_due = False
-
-    def flush() -> None:
-        nonlocal flush_due
-        flush_due = False
-        sys.stdout.flush()
 
     def observe(event: dict[str, Any]) -> None:
-        nonlocal flush_due
         event["mta_worker"] = number
         line = line_as_json(event)
         if line is None:
-            write(event)  # Twisted's JSON form, flushed at once
+            write(event)  # Twisted's JSON form, for any other event
             return
         sys.stdout.write(line + "\n")
-        if not isInIOThread() or not reactor.running:  # type: ignore[no-untyped-call]
-            sys.stdout.flush()
-        elif not flush_due:
-            flush_due = True
-            reactor.callLater(0, flush)
+        sys.stdout.flush()
 
     return observe
 

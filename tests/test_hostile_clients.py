@@ -435,6 +435,21 @@ class TestErrors:
             "replies (limits.errors: 20); answered 421 4.7.0, connection closed"
         ]
 
+    def test_too_many_errors_after_a_message_names_no_command(
+        self, server: Server, events: list[dict[str, Any]]
+    ) -> None:
+        # Over-long lines after a message are no command: the log line
+        # must not blame the end of the message.
+        session = server.connect()
+        session.hello()
+        session.send("MAIL FROM:<s@client.example>\r\nRCPT TO:<a@example.com>\r\n"
+                     "DATA\r\nSubject: hi\r\n\r\nbody\r\n.\r\n")
+        replies = session.send(b"x" * 3000 + b"\r\n" * 20)
+        assert codes(replies) == ["500 5.5.2"] * 20 + ["421 4.7.0"]
+        logged = [line for line in lines_of(events) if "too many errors" in line]
+        assert [line.split(" from ")[0] for line in logged] == [
+            "too many errors after UNKNOWN"]
+
     @pytest.mark.parametrize("verb", ["\u017ftarttls", "ma\u0131l", "qu\u0131t",
                                       "NOO\uff30"])
     def test_a_unicode_look_alike_is_no_command(

@@ -242,8 +242,8 @@ def _race(tmp_path: Path, peer: Peer) -> None:
 def test_a_worker_s_last_lines_reach_the_log_when_it_stops(
     tmp_path: Path, peer: Peer
 ) -> None:
-    # A worker passes its lines on once a turn of its reactor: those of
-    # its graceful stop, the last turns it makes, must not be left behind.
+    # The lines of a worker's graceful stop, the last it writes to its
+    # pipe, are logged by the first process before it ends too.
     relay = _relay(tmp_path, peer).start()
     try:
         _worker_pid(relay, 2)
