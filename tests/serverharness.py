@@ -101,6 +101,26 @@ def commit_at_once(writer: MessageWriter, envelope: Envelope) -> defer.Deferred[
     return defer.maybeDeferred(writer.commit, envelope)
 
 
+class HeldCommits:
+    """Commits that wait for `finish` (`Server.hold_commits`): what a
+    session does while its message is being committed."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[MessageWriter, Envelope]] = []
+        self.pending: defer.Deferred[None] = defer.Deferred()
+
+    def __call__(self, writer: MessageWriter, envelope: Envelope) -> defer.Deferred[None]:
+        self.held.append((writer, envelope))
+        return self.pending
+
+    def finish(self) -> Envelope:
+        """Commit every held message; the envelope of the first."""
+        for writer, envelope in self.held:
+            writer.commit(envelope)
+        self.pending.callback(None)
+        return self.held[0][1]
+
+
 class Server:
     """A factory over a real spool, a fake clock and a fake TLS creator."""
 
@@ -134,6 +154,13 @@ class Server:
         protocol.makeConnection(transport)
         assert transport.disconnecting
         return transport.value().decode("ascii").split("\r\n")[:-1]
+
+    def hold_commits(self) -> HeldCommits:
+        """From now on commits wait until the returned `HeldCommits`
+        finishes them."""
+        held = HeldCommits()
+        self.factory.commit = held
+        return held
 
     def set_limits(self, **limits: Any) -> None:
         """Change ``limits`` for the connections made from now on."""

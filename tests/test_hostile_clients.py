@@ -659,23 +659,14 @@ class TestGarbage:
     def test_half_close_after_a_message_waits_for_its_commit(
         self, server: Server
     ) -> None:
-        pending: defer.Deferred[None] = defer.Deferred()
-        held: list[tuple[MessageWriter, Envelope]] = []
-
-        def hold(writer: MessageWriter, envelope: Envelope) -> defer.Deferred[None]:
-            held.append((writer, envelope))
-            return pending
-
-        server.factory.commit = hold
+        commits = server.hold_commits()
         session = server.connect()
         session.start_data()
         assert session.send(b"whole\r\n.\r\nNOOP\r\n") == []
         session.protocol.readConnectionLost()
         assert not session.transport.disconnecting
 
-        writer, envelope = held[0]
-        writer.commit(envelope)
-        pending.callback(None)
+        envelope = commits.finish()
         assert codes(session.take()) == ["250 2.0.0", "250 2.0.0"]
         assert session.transport.disconnecting
         assert server.spool.queue_ids() == [envelope.queue_id]

@@ -20,7 +20,6 @@ import email
 import os
 import signal
 import time
-from email.message import Message
 from pathlib import Path
 from typing import Any, Callable, Iterator
 

@@ -300,22 +300,13 @@ class TestPipelining:
         assert [envelope.queue_id for envelope in server.queued] == [queue_id]
 
     def test_nothing_is_answered_while_the_commit_runs(self, server: Server) -> None:
-        pending: defer.Deferred[None] = defer.Deferred()
-        held: list[tuple[MessageWriter, Envelope]] = []
-
-        def hold(writer: MessageWriter, envelope: Envelope) -> defer.Deferred[None]:
-            held.append((writer, envelope))
-            return pending
-
-        server.factory.commit = hold
+        commits = server.hold_commits()
         session = server.connect()
         assert codes(session.send(self.MESSAGE))[-1] == "354 End"
         assert session.send("NOOP\r\n") == []  # buffered, not answered
         assert not server.queued
 
-        writer, envelope = held[0]
-        writer.commit(envelope)
-        pending.callback(None)
+        envelope = commits.finish()
         replies = session.take()
         assert codes(replies) == ["250 2.0.0", "221 2.0.0"]
         assert queued_id(replies[0]) == envelope.queue_id
@@ -327,14 +318,7 @@ class TestPipelining:
         # Commands that come while the commit runs are kept, and reading
         # goes on; past what a pipelining client has reason to send, the
         # transport is paused until the 250 is out.
-        pending: defer.Deferred[None] = defer.Deferred()
-        held: list[tuple[MessageWriter, Envelope]] = []
-
-        def hold(writer: MessageWriter, envelope: Envelope) -> defer.Deferred[None]:
-            held.append((writer, envelope))
-            return pending
-
-        server.factory.commit = hold
+        commits = server.hold_commits()
         session = server.connect()
         assert codes(session.send(self.MESSAGE))[-1] == "354 End"
         assert session.send("NOOP\r\n" * 100) == []
@@ -342,9 +326,7 @@ class TestPipelining:
         assert session.send("NOOP\r\n" * 3000) == []
         assert session.transport.producerState == "paused"
 
-        writer, envelope = held[0]
-        writer.commit(envelope)
-        pending.callback(None)
+        commits.finish()
         assert codes(session.take()) == ["250 2.0.0", "221 2.0.0"]
 
     def test_idle_timer_is_stopped_during_the_commit(self, server: Server) -> None:

@@ -21,8 +21,6 @@ import pytest
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from mta.envelope import Envelope
-from mta.spool import MessageWriter
 from tests.peers import smtppeer
 from tests.peers.certs import CertFiles
 from tests.relay import RelayProcess, base_config
@@ -79,14 +77,7 @@ class TestShutDown:
     def test_a_message_being_committed_gets_its_250_first(
         self, server: Server
     ) -> None:
-        pending: defer.Deferred[None] = defer.Deferred()
-        held: list[tuple[MessageWriter, Envelope]] = []
-
-        def hold(writer: MessageWriter, envelope: Envelope) -> defer.Deferred[None]:
-            held.append((writer, envelope))
-            return pending
-
-        server.factory.commit = hold
+        commits = server.hold_commits()
         session = server.connect()
         session.start_data("a@example.com")
         assert codes(session.send(BODY + END)) == []
@@ -94,9 +85,7 @@ class TestShutDown:
         server.factory.shut_down()
         assert session.take() == []
 
-        writer, envelope = held[0]
-        writer.commit(envelope)
-        pending.callback(None)
+        commits.finish()
         assert codes(session.take()) == ["250 2.0.0", "421 4.3.2"]
 
     def test_a_refused_message_is_answered_then_421(
