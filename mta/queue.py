@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, DeferredList
